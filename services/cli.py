@@ -1,0 +1,154 @@
+"""The `meshserve` command: run the mesh or one service, and talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from meshserve import config as cfg
+
+PRIORITIES = ["critical", "high", "normal", "low", "batch"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve", description="An LLM inference-serving mesh over gRPC.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the whole mesh on this machine, one process per service")
+    up.add_argument(
+        "--model", default="", help="Hugging Face model directory (default: the built-in tiny model)"
+    )
+    up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    up.add_argument("--max-num-seqs", type=int, default=16, help="sequences each worker decodes together")
+    up.add_argument("--host", default=cfg.DEFAULT_HOST, help="address every service listens on")
+    up.add_argument("--port", type=int, default=cfg.GATEWAY_PORT, help="the gateway's gRPC port")
+    up.add_argument("--router-port", type=int, default=cfg.ROUTER_PORT)
+    up.add_argument("--aggregator-port", type=int, default=cfg.AGGREGATOR_PORT)
+    up.add_argument(
+        "--worker-port",
+        type=int,
+        default=cfg.FIRST_WORKER_PORT,
+        help="first worker's port; the rest count up",
+    )
+    up.add_argument("--log-dir", default="", help="where each service's log goes (default: <cache>/logs)")
+    up.add_argument(
+        "--start-timeout", type=float, default=300.0, help="seconds each service gets to become ready"
+    )
+    up.set_defaults(run=_run_up)
+
+    generate = commands.add_parser("generate", help="send a prompt to the gateway and print the answer")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-tokens", type=int, default=None)
+    generate.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    generate.add_argument("--priority", choices=PRIORITIES, default="normal")
+    generate.add_argument("--n", type=int, default=1, help="completions to generate")
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message (chat template)"
+    )
+    generate.add_argument("--model", default="", help="model name (default: the only one served)")
+    generate.add_argument("--gateway", default=_env("GATEWAY", f"{cfg.DEFAULT_HOST}:{cfg.GATEWAY_PORT}"))
+    generate.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    generate.set_defaults(run=_run_generate)
+
+    status = commands.add_parser(
+        "status", help="health of each service of the local mesh and the models served"
+    )
+    status.add_argument(
+        "--gateway", default=None, help="gateway address (default: from `meshserve up`, else :50051)"
+    )
+    status.add_argument(
+        "--wait", type=float, default=0.0, help="wait up to this many seconds for every service"
+    )
+    status.set_defaults(run=_run_status)
+
+    model = commands.add_parser(
+        "builtin-model", help="create the built-in tiny model (if needed) and print its path"
+    )
+    model.set_defaults(run=_run_builtin_model)
+
+    for name, config_type, starter in (
+        ("gateway", cfg.GatewayConfig, "meshserve.gateway.server:start_gateway"),
+        ("router", cfg.RouterConfig, "meshserve.router.server:start_router"),
+        ("aggregator", cfg.AggregatorConfig, "meshserve.aggregator.server:start_aggregator"),
+        ("worker", cfg.WorkerConfig, "meshserve.worker.server:start_worker"),
+    ):
+        service = commands.add_parser(name, help=f"run the {name} service alone")
+        cfg.add_arguments(service, config_type)
+        service.set_defaults(run=_service_runner(name, config_type, starter))
+    return parser
+
+
+def _env(name: str, default: str) -> str:
+    import os
+
+    return os.environ.get(cfg.ENV_PREFIX + name, default)
+
+
+def _service_runner(
+    name: str, config_type: type[cfg.ServerConfig], starter: str
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        from meshserve.logs import setup_logging
+        from meshserve.server import serve_until_signalled
+
+        config = cfg.from_args(config_type, args)
+        setup_logging(name, config.log_level, config.log_file)
+        module_name, function_name = starter.split(":")
+        start: Callable[[Any], Awaitable[Any]] = getattr(importlib.import_module(module_name), function_name)
+
+        async def serve() -> None:
+            running = await start(config)
+            await serve_until_signalled(running, name, config.drain_seconds)
+
+        asyncio.run(serve())
+        return 0
+
+    return run
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from meshserve.launcher import run_mesh
+
+    return run_mesh(args)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from meshserve.client import generate_command
+
+    return generate_command(args)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from meshserve.client import status_command
+
+    return status_command(args)
+
+
+def _run_builtin_model(args: argparse.Namespace) -> int:
+    from meshserve.worker.builtin_model import ensure_builtin_model
+
+    print(ensure_builtin_model())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

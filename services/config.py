@@ -1,0 +1,138 @@
+"""Service configuration: one dataclass per service, from flags, then MESHSERVE_* variables, then defaults.
+
+A field `max_num_seqs` is the flag `--max-num-seqs` and the variable `MESHSERVE_MAX_NUM_SEQS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "MESHSERVE_"
+
+DEFAULT_HOST = "127.0.0.1"
+GATEWAY_PORT = 50051
+GATEWAY_HTTP_PORT = 8000
+ROUTER_PORT = 50052
+AGGREGATOR_PORT = 50053
+FIRST_WORKER_PORT = 50061
+
+
+def cache_dir() -> Path:
+    """Where meshserve keeps files: $MESHSERVE_CACHE, else $XDG_CACHE_HOME/meshserve or ~/.cache/meshserve."""
+    if os.environ.get("MESHSERVE_CACHE"):
+        return Path(os.environ["MESHSERVE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "meshserve"
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass
+class ServerConfig:
+    host: str = field(default=DEFAULT_HOST, metadata=_help("address to listen on"))
+    port: int = field(default=0, metadata=_help("gRPC port (0 picks a free one)"))
+    log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
+    log_file: str = field(default="", metadata=_help("append JSON logs to this file instead of stderr"))
+    # SIGTERM drains: no new work, in-flight streams get this long to finish.
+    drain_seconds: float = field(
+        default=30.0, metadata=_help("seconds in-flight calls get to finish on SIGTERM")
+    )
+
+
+@dataclass
+class WorkerConfig(ServerConfig):
+    port: int = field(default=FIRST_WORKER_PORT, metadata=_help("gRPC port"))
+    model: str = field(
+        default="", metadata=_help("Hugging Face model directory (default: the built-in tiny model)")
+    )
+    model_name: str = field(
+        default="", metadata=_help("name the model is served under (default: the directory's name)")
+    )
+    max_num_seqs: int = field(default=16, metadata=_help("sequences decoded together at most"))
+    threads: int = field(default=0, metadata=_help("torch CPU threads (0: half the cores, at least 1)"))
+    dtype: str = field(default="float32", metadata=_help("float32, bfloat16 or float16"))
+
+
+@dataclass
+class RouterConfig(ServerConfig):
+    port: int = field(default=ROUTER_PORT, metadata=_help("gRPC port"))
+    workers: str = field(
+        default=f"{DEFAULT_HOST}:{FIRST_WORKER_PORT}", metadata=_help("comma-separated worker addresses")
+    )
+
+
+@dataclass
+class AggregatorConfig(ServerConfig):
+    port: int = field(default=AGGREGATOR_PORT, metadata=_help("gRPC port"))
+    router: str = field(default=f"{DEFAULT_HOST}:{ROUTER_PORT}", metadata=_help("router address"))
+    max_n: int = field(default=64, metadata=_help("most sub-requests one request may fan out into"))
+
+
+@dataclass
+class GatewayConfig(ServerConfig):
+    port: int = field(default=GATEWAY_PORT, metadata=_help("gRPC port"))
+    http_port: int = field(
+        default=GATEWAY_HTTP_PORT, metadata=_help("HTTP port for the OpenAI-compatible API (not served yet)")
+    )
+    router: str = field(default=f"{DEFAULT_HOST}:{ROUTER_PORT}", metadata=_help("router address"))
+    aggregator: str = field(default=f"{DEFAULT_HOST}:{AGGREGATOR_PORT}", metadata=_help("aggregator address"))
+    default_max_tokens: int = field(default=256, metadata=_help("max_tokens when a request leaves it unset"))
+    max_n: int = field(default=64, metadata=_help("largest n a request may ask for"))
+    model_refresh_seconds: float = field(
+        default=30.0, metadata=_help("how often to re-read the served models")
+    )
+
+
+C = TypeVar("C", bound=ServerConfig)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_type: type[ServerConfig]) -> None:
+    """Adds one flag per config field. Defaults stay None so from_args can tell a flag from an env var."""
+    for f in dataclasses.fields(config_type):
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            type=_parser_for(f.type),
+            default=None,
+            help=f"{f.metadata.get('help', '')} [env {env_name(f.name)}, default {f.default!r}]",
+        )
+
+
+def from_args(config_type: type[C], args: argparse.Namespace | None = None, **overrides: Any) -> C:
+    """Builds a config: explicit overrides, then flags, then MESHSERVE_* variables, then defaults."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(config_type):
+        parse = _parser_for(f.type)
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif args is not None and getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+        elif env_name(f.name) in os.environ:
+            raw = os.environ[env_name(f.name)]
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                raise SystemExit(
+                    f"meshserve: {env_name(f.name)}={raw!r} is not a valid {f.type}: {exc}"
+                ) from exc
+    return config_type(**values)
+
+
+def _parser_for(type_name: Any) -> Any:
+    # Fields are annotated as strings (from __future__ import annotations).
+    return {"int": int, "float": float, "str": str}[str(type_name)]

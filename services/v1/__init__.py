@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/meshserve/v1 (scripts/gen_protos.py). Do not edit."""

@@ -42,7 +42,9 @@ def run_mesh(args: argparse.Namespace) -> int:
     children: list[Child] = []
     stop = _install_stop_handlers()
     try:
-        model_dir = args.model or _builtin_model_dir(log_dir)
+        if not args.model:
+            _build_builtin_model()  # once here, not raced by N workers (which then find it in the cache)
+        model_flags = ["--model", args.model] if args.model else []
         host = args.host
         worker_addresses = [f"{host}:{args.worker_port + i}" for i in range(args.workers)]
         router_address = f"{host}:{args.router_port}"
@@ -53,7 +55,7 @@ def run_mesh(args: argparse.Namespace) -> int:
                 (
                     f"worker-{i}",
                     address,
-                    ["worker", "--model", str(model_dir), "--max-num-seqs", str(args.max_num_seqs)],
+                    ["worker", *model_flags, "--max-num-seqs", str(args.max_num_seqs)],
                 )
                 for i, address in enumerate(worker_addresses)
             ],
@@ -86,14 +88,13 @@ def run_mesh(args: argparse.Namespace) -> int:
             state.unlink()
 
 
-def _builtin_model_dir(log_dir: Path) -> str:
-    # Made once here (in a child: the launcher itself never imports torch), not raced by N workers.
+def _build_builtin_model() -> None:
+    # In a child process: the launcher itself never imports torch.
     result = subprocess.run(
         [sys.executable, "-m", "meshserve.cli", "builtin-model"], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         raise SystemExit(f"meshserve: could not create the built-in model:\n{result.stderr}")
-    return result.stdout.strip()
 
 
 def _install_stop_handlers() -> list[int]:

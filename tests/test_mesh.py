@@ -9,11 +9,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from transformers import AutoModelForCausalLM
-
 from meshserve.errors import bad_request_fields
 from meshserve.tokenizer import ModelTokenizer
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from transformers import AutoModelForCausalLM
 
 PROMPTS = ["Hello world", "Once upon a time, in a city by the sea", "The router picks a worker"]
 
@@ -23,7 +22,9 @@ def inference(mesh) -> inference_pb2_grpc.InferenceStub:
 
 
 def worker_load(mesh) -> worker_pb2.LoadReport:
-    return worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker)).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+    return worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker)).GetLoad(
+        worker_pb2.GetLoadRequest(), timeout=5
+    )
 
 
 def stream_tokens(stub, request) -> dict[int, list[int]]:
@@ -46,7 +47,10 @@ def test_greedy_stream_equals_transformers_generate(mesh, model_dir, hf_model, p
     prompt_ids = tokenizer.encode(prompt)
     with torch.inference_mode():
         expected = hf_model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False, attention_mask=torch.ones(1, len(prompt_ids))
+            torch.tensor([prompt_ids]),
+            max_new_tokens=24,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt_ids)),
         )[0, len(prompt_ids) :].tolist()
     request = inference_pb2.GenerateRequest(
         prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=24, temperature=0)
@@ -109,10 +113,14 @@ def test_chat_messages_use_the_chat_template(mesh, model_dir):
     )
     by_messages = stream_tokens(inference(mesh), request)
     rendered_ids = tokenizer.encode_chat([{"role": "user", "content": "Hi there"}])
-    assert tokenizer.decode(rendered_ids, skip_special_tokens=False).startswith("<s><|user|>\nHi there<|end|>")
+    assert tokenizer.decode(rendered_ids, skip_special_tokens=False).startswith(
+        "<s><|user|>\nHi there<|end|>"
+    )
     by_ids = stream_tokens(
         inference(mesh),
-        inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=rendered_ids), sampling=request.sampling),
+        inference_pb2.GenerateRequest(
+            token_ids=inference_pb2.TokenIds(ids=rendered_ids), sampling=request.sampling
+        ),
     )
     assert by_messages == by_ids
 
@@ -120,11 +128,15 @@ def test_chat_messages_use_the_chat_template(mesh, model_dir):
 def test_stop_string_ends_the_completion_before_it(mesh, model_dir):
     stub = inference(mesh)
     sampling = common_pb2.SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    full = stub.Generate(inference_pb2.GenerateRequest(prompt="Hello", sampling=sampling), timeout=60).completions[0]
+    full = stub.Generate(
+        inference_pb2.GenerateRequest(prompt="Hello", sampling=sampling), timeout=60
+    ).completions[0]
     stop = full.text[8:11]
     assert len(stop) == 3
     sampling.stop.append(stop)
-    cut = stub.Generate(inference_pb2.GenerateRequest(prompt="Hello", sampling=sampling), timeout=60).completions[0]
+    cut = stub.Generate(
+        inference_pb2.GenerateRequest(prompt="Hello", sampling=sampling), timeout=60
+    ).completions[0]
     assert cut.text == full.text[: full.text.index(stop)]
     assert cut.finish_reason == common_pb2.FINISH_REASON_STOP
 
@@ -147,7 +159,9 @@ def test_every_service_reports_serving(mesh):
 )
 def test_reflection_lists_the_services(mesh, service, expected):
     stub = reflection_pb2_grpc.ServerReflectionStub(mesh.channel(getattr(mesh, service)))
-    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    replies = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
     names = {s.name for reply in replies for s in reply.list_services_response.service}
     assert {expected, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     health_stub = health_pb2_grpc.HealthStub(mesh.channel(getattr(mesh, service)))
@@ -232,3 +246,26 @@ def test_list_models_names_the_builtin_model(mesh):
     assert [m.name for m in reply.models] == ["meshserve-tiny"]
     assert reply.models[0].max_context_length == 2048
     assert not reply.models[0].tokenizer_files
+
+
+def test_router_skips_an_unreachable_worker(mesh, loop_thread):
+    from meshserve.config import RouterConfig
+    from meshserve.router.server import start_router
+    from meshserve.v1 import router_pb2_grpc
+
+    dead = "127.0.0.1:1"  # nothing listens on port 1
+    router = loop_thread.run(
+        start_router(RouterConfig(host="127.0.0.1", port=0, workers=f"{dead},{mesh.worker}"))
+    )
+    try:
+        stub = router_pb2_grpc.RouterStub(mesh.channel(router.address))
+        for _ in range(2):
+            request = common_pb2.TokenRequest(
+                request_id="failover",
+                prompt_token_ids=[0, 5, 6],
+                sampling=common_pb2.SamplingParams(max_tokens=3),
+            )
+            chunks = list(stub.Generate(request, timeout=30))
+            assert sum(len(c.token_ids) for c in chunks) == 3
+    finally:
+        loop_thread.run(router.stop(0))

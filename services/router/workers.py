@@ -21,6 +21,8 @@ class WorkerEndpoint:
     channel: grpc.aio.Channel
     # Requests the router has sent and not yet seen finish.
     in_flight: int = 0
+    # When it was last picked: among equally loaded workers the longest unused goes first.
+    last_picked: int = 0
     model: common_pb2.ModelInfo | None = field(default=None, repr=False)
 
 
@@ -29,6 +31,7 @@ class WorkerPool:
         if not addresses:
             raise ValueError("the router needs at least one worker address (--workers)")
         self.workers: list[WorkerEndpoint] = []
+        self._picks = 0
         for address in addresses:
             channel = aio_channel(address)
             self.workers.append(WorkerEndpoint(address, worker_pb2_grpc.WorkerStub(channel), channel))
@@ -44,7 +47,10 @@ class WorkerPool:
             tried = f" (tried {', '.join(sorted(exclude))})" if exclude else ""
             raise MeshError(grpc.StatusCode.UNAVAILABLE, f"no worker is available for model {model!r}{tried}")
         # Workers whose model is known first: an unknown one may be down or serve another model.
-        return min(candidates, key=lambda w: (w.model is None, w.in_flight))
+        chosen = min(candidates, key=lambda w: (w.model is None, w.in_flight, w.last_picked))
+        self._picks += 1
+        chosen.last_picked = self._picks
+        return chosen
 
     async def describe(self, timeout: float = 5.0) -> list[common_pb2.ModelInfo]:
         """Asks every worker not yet described what it serves; returns one ModelInfo per model name."""

@@ -1,0 +1,118 @@
+"""The `meshserve` command as a user runs it: `up` starts one process per service, `generate` talks to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+MESHSERVE = [sys.executable, "-m", "meshserve.cli"]
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has exited all the same.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+class Output:
+    """Collects a pipe in a thread so the test can wait for a line without blocking forever."""
+
+    def __init__(self, pipe) -> None:
+        self.text = ""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
+
+    def _pump(self, pipe) -> None:
+        for line in pipe:
+            with self._lock:
+                self.text += line
+
+    def wait_for(self, marker: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if marker in self.text:
+                    return True
+            time.sleep(0.1)
+        return False
+
+
+@pytest.fixture
+def env(cache_dir, model_dir) -> dict[str, str]:
+    return {**os.environ, "MESHSERVE_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+
+
+def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
+    gateway, router, aggregator, worker = free_ports(4)
+    up = subprocess.Popen(
+        [*MESHSERVE, "up", "--workers", "2", "--port", str(gateway), "--router-port", str(router),
+         "--aggregator-port", str(aggregator), "--worker-port", str(worker), "--log-dir", str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        out, err = Output(up.stdout), Output(up.stderr)
+        assert out.wait_for("Ctrl-C", timeout=180), out.text + err.text
+        state = json.loads((Path(env["MESHSERVE_CACHE"]) / "mesh.json").read_text())
+        pids = {s["name"]: s["pid"] for s in state["services"]}
+        assert set(pids) == {"worker-0", "worker-1", "router", "aggregator", "gateway"}
+
+        status = subprocess.run([*MESHSERVE, "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.count("SERVING") == 5 and "meshserve-tiny" in status.stdout
+
+        address = f"127.0.0.1:{gateway}"
+        generate = [*MESHSERVE, "generate", "Hello", "--stream", "--max-tokens", "8", "--gateway", address]
+        answer = subprocess.run(generate, env=env, capture_output=True, text=True, timeout=60)
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.strip() and "completion tokens" in answer.stderr
+
+        # A worker that dies is reported; the rest of the mesh keeps serving.
+        os.kill(pids["worker-1"], signal.SIGKILL)
+        assert err.wait_for("exited unexpectedly", timeout=10), err.text
+        assert "worker-1" in err.text
+        for _ in range(3):
+            again = subprocess.run(generate, env=env, capture_output=True, text=True, timeout=60)
+            assert again.returncode == 0, again.stderr
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=30) == 0
+        for name, pid in pids.items():
+            assert not process_alive(pid), f"{name} (pid {pid}) outlived `meshserve up`"
+        assert not (Path(env["MESHSERVE_CACHE"]) / "mesh.json").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def test_generate_says_clearly_when_the_mesh_is_not_running(env):
+    (port,) = free_ports(1)
+    result = subprocess.run(
+        [*MESHSERVE, "generate", "Hello", "--gateway", f"127.0.0.1:{port}", "--timeout", "5"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert "cannot reach the gateway" in result.stderr and "meshserve up" in result.stderr

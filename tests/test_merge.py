@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from meshserve.aggregator.merge import merge_streams
+
+
+async def ticking(name: str, delays: list[float], fail_after: int | None = None):
+    for i, delay in enumerate(delays):
+        await asyncio.sleep(delay)
+        if fail_after is not None and i == fail_after:
+            raise RuntimeError(f"{name} failed")
+        yield (name, i)
+
+
+def test_fast_stream_is_not_held_up_by_a_slow_one():
+    async def main():
+        return [
+            item async for item in merge_streams([ticking("slow", [0.2, 0.2]), ticking("fast", [0.01] * 3)])
+        ]
+
+    merged = asyncio.run(main())
+    assert merged[:3] == [("fast", 0), ("fast", 1), ("fast", 2)]
+    assert [i for n, i in merged if n == "slow"] == [0, 1]
+
+
+def test_first_failure_cancels_the_others():
+    cancelled = asyncio.Event()
+
+    async def endless():
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield ("endless", 0)
+        finally:
+            cancelled.set()
+
+    async def main():
+        with pytest.raises(RuntimeError, match="bad failed"):
+            async for _ in merge_streams([endless(), ticking("bad", [0.05, 0.05], fail_after=1)]):
+                pass
+        await asyncio.sleep(0)
+        return cancelled.is_set()
+
+    assert asyncio.run(main())

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import grpc
+
 from meshserve.errors import invalid_argument
 from meshserve.tokenizer import ModelTokenizer
 from meshserve.v1 import common_pb2, router_pb2_grpc

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+
 from meshserve.channels import aio_channel
 from meshserve.config import GatewayConfig
 from meshserve.errors import grpc_errors

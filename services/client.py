@@ -8,6 +8,7 @@ import sys
 import time
 
 import grpc
+
 from meshserve import config as cfg
 from meshserve.channels import health_status, sync_channel
 from meshserve.launcher import state_file

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from meshserve.channels import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from meshserve.tokenizer import ModelTokenizer
 from meshserve.worker.builtin_model import builtin_model_dir, ensure_builtin_model, write_builtin_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def digest(directory) -> dict[str, str]:

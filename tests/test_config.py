@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from meshserve.config import RouterConfig, WorkerConfig, add_arguments, from_args
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from meshserve.aggregator.merge import merge_streams
 
 

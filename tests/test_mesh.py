@@ -9,10 +9,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoModelForCausalLM
+
 from meshserve.errors import bad_request_fields
 from meshserve.tokenizer import ModelTokenizer
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from transformers import AutoModelForCausalLM
 
 PROMPTS = ["Hello world", "Once upon a time, in a city by the sea", "The router picks a worker"]
 

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sampler import make_generator, sample
 from meshserve.worker.sequence import Finish, Sequence

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from meshserve.worker.sequence import SamplingOptions
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+
 from meshserve.config import WorkerConfig
 from meshserve.errors import MeshError, grpc_errors, invalid_argument
 from meshserve.logs import current_request_id

@@ -6,6 +6,7 @@ import os
 from collections.abc import AsyncIterator
 
 import grpc
+
 from meshserve.aggregator.merge import merge_streams
 from meshserve.channels import aio_channel
 from meshserve.config import AggregatorConfig

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+
 from meshserve.config import RouterConfig
 from meshserve.errors import grpc_errors
 from meshserve.logs import current_request_id

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
+
 from meshserve.channels import aio_channel
 from meshserve.errors import MeshError
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc

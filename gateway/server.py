@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from meshserve.channels import aio_channel
+from meshserve.channels import aio_channel, relay
 from meshserve.config import GatewayConfig
 from meshserve.errors import grpc_errors
 from meshserve.gateway.models import ModelCatalog
@@ -115,11 +115,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         else:
             fan_out = aggregator_pb2.FanOutRequest(request=validated.token_request, n=validated.n)
             call = self.aggregator.Generate(fan_out, timeout=timeout)
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        async for chunk in relay(call):
+            yield chunk
 
 
 def _usage(validated: ValidatedRequest, completion_tokens: int) -> common_pb2.Usage:

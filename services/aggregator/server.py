@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from meshserve.aggregator.merge import merge_streams
-from meshserve.channels import aio_channel
+from meshserve.channels import aio_channel, relay
 from meshserve.config import AggregatorConfig
 from meshserve.errors import grpc_errors, invalid_argument
 from meshserve.logs import current_request_id
@@ -57,12 +57,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     async def _stream(
         self, sub: common_pb2.TokenRequest, timeout: float | None
     ) -> AsyncIterator[common_pb2.TokenChunk]:
-        call = self.router.Generate(sub, timeout=timeout)
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        async for chunk in relay(self.router.Generate(sub, timeout=timeout)):
+            yield chunk
 
 
 async def start_aggregator(config: AggregatorConfig) -> RunningServer:

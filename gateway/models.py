@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -29,10 +30,11 @@ class ModelCatalog:
     def __init__(self, router: router_pb2_grpc.RouterStub) -> None:
         self.router = router
         self.models: dict[str, ServedModel] = {}
-        self._changed = asyncio.Event()
+        self._last_refresh = 0.0
 
     async def refresh(self, timeout: float = 5.0) -> bool:
         """Reads the served models from the router. Returns whether any model is known afterwards."""
+        self._last_refresh = time.monotonic()
         try:
             reply = await self.router.ListModels(common_pb2.ListModelsRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
@@ -50,6 +52,11 @@ class ModelCatalog:
             self.models[info.name] = ServedModel(info, tokenizer)
             log.info("serving model %s (context %d)", info.name, info.max_context_length)
         return bool(self.models)
+
+    async def refresh_if_unknown(self, name: str, min_interval: float = 1.0) -> None:
+        """A model may be new since the last poll; a flood of bad names costs one refresh a second."""
+        if name not in self.models and time.monotonic() - self._last_refresh >= min_interval:
+            await self.refresh()
 
     def resolve(self, name: str) -> ServedModel:
         """The model a request names; an empty name picks the only model when there is just one."""

@@ -99,8 +99,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return response
 
     async def _validate(self, request: inference_pb2.GenerateRequest) -> ValidatedRequest:
-        if request.model and request.model not in self.catalog.models:
-            await self.catalog.refresh()  # a model may have been added since the last poll
+        if request.model:
+            await self.catalog.refresh_if_unknown(request.model)
         model = self.catalog.resolve(request.model)
         validated = validate(request, model, self.config.default_max_tokens, self.config.max_n)
         current_request_id.set(validated.token_request.request_id)

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from meshserve.config import WorkerConfig
-from meshserve.errors import MeshError, grpc_errors, invalid_argument
+from meshserve.errors import MeshError, grpc_errors, invalid_argument, unavailable
 from meshserve.logs import current_request_id
 from meshserve.server import RunningServer, Servicer, start_server
 from meshserve.tokenizer import ModelTokenizer, read_tokenizer_files
@@ -75,7 +75,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             max_context_length=model.runner.max_context_length,
             emit=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
         )
-        model.engine.submit(sequence)
+        try:
+            model.engine.submit(sequence)
+        except RuntimeError as exc:
+            raise unavailable(f"the worker is shutting down ({exc}); retry on another worker") from exc
         try:
             while True:
                 output = await outputs.get()

@@ -31,9 +31,7 @@ async def mesh_tokens_per_second(concurrency: int, max_tokens: int, threads: int
     worker = await start_worker(WorkerConfig(host=host, port=0, max_num_seqs=concurrency, threads=threads))
     router = await start_router(RouterConfig(host=host, port=0, workers=worker.address))
     # n = 1 only: the aggregator is not on this path.
-    gateway = await start_gateway(
-        GatewayConfig(host=host, port=0, router=router.address, aggregator="127.0.0.1:1")
-    )
+    gateway = await start_gateway(GatewayConfig(host=host, port=0, router=router.address, aggregator="127.0.0.1:1"))
     channel = aio_channel(gateway.address)
     stub = inference_pb2_grpc.InferenceStub(channel)
     try:
@@ -43,9 +41,7 @@ async def mesh_tokens_per_second(concurrency: int, max_tokens: int, threads: int
         async def one() -> int:
             for attempt in range(100):  # the gateway serves once it has read the model list
                 try:
-                    call = stub.GenerateStream(
-                        inference_pb2.GenerateRequest(prompt=PROMPT, sampling=sampling)
-                    )
+                    call = stub.GenerateStream(inference_pb2.GenerateRequest(prompt=PROMPT, sampling=sampling))
                     return sum([len(chunk.token_ids) async for chunk in call])
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or attempt == 99:
@@ -78,9 +74,7 @@ def baseline_tokens_per_second(requests: int, max_tokens: int, threads: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1)")

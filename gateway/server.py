@@ -134,9 +134,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     aggregator_channel = aio_channel(config.aggregator)
     router = router_pb2_grpc.RouterStub(router_channel)
     catalog = ModelCatalog(router)
-    servicer = InferenceServicer(
-        config, catalog, router, aggregator_pb2_grpc.AggregatorStub(aggregator_channel)
-    )
+    servicer = InferenceServicer(config, catalog, router, aggregator_pb2_grpc.AggregatorStub(aggregator_channel))
     running = await start_server(
         config.host,
         config.port,

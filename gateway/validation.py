@@ -66,9 +66,7 @@ def validate(
     else:
         max_tokens = max(1, min(default_max_tokens, room))
 
-    if sampling.HasField("temperature") and not (
-        math.isfinite(sampling.temperature) and sampling.temperature >= 0
-    ):
+    if sampling.HasField("temperature") and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
         violations.append(("sampling.temperature", f"must be 0 (greedy) or more, got {sampling.temperature}"))
     if sampling.HasField("top_p") and not (0 < sampling.top_p <= 1):
         violations.append(("sampling.top_p", f"must be in (0, 1], got {sampling.top_p}"))

@@ -43,9 +43,7 @@ def generate(out_dir: Path) -> list[Path]:
             shutil.copyfile(path, target)
             written.append(target)
     init = out_dir / "__init__.py"
-    init.write_text(
-        '"""Generated gRPC stubs of protos/meshserve/v1 (scripts/gen_protos.py). Do not edit."""\n'
-    )
+    init.write_text('"""Generated gRPC stubs of protos/meshserve/v1 (scripts/gen_protos.py). Do not edit."""\n')
     return [*written, init]
 
 

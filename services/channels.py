@@ -50,10 +50,7 @@ def wait_until_serving(address: str, timeout: float, service: str = "", poll_sec
     """Polls a server's health until it says SERVING or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
     while True:
-        if (
-            health_status(address, service, timeout=min(2.0, max(0.1, deadline - time.monotonic())))
-            == "SERVING"
-        ):
+        if health_status(address, service, timeout=min(2.0, max(0.1, deadline - time.monotonic()))) == "SERVING":
             return True
         if time.monotonic() + poll_seconds > deadline:
             return False

@@ -27,9 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the whole mesh on this machine, one process per service")
-    up.add_argument(
-        "--model", default="", help="Hugging Face model directory (default: the built-in tiny model)"
-    )
+    up.add_argument("--model", default="", help="Hugging Face model directory (default: the built-in tiny model)")
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--max-num-seqs", type=int, default=16, help="sequences each worker decodes together")
     up.add_argument("--host", default=cfg.DEFAULT_HOST, help="address every service listens on")
@@ -43,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="first worker's port; the rest count up",
     )
     up.add_argument("--log-dir", default="", help="where each service's log goes (default: <cache>/logs)")
-    up.add_argument(
-        "--start-timeout", type=float, default=300.0, help="seconds each service gets to become ready"
-    )
+    up.add_argument("--start-timeout", type=float, default=300.0, help="seconds each service gets to become ready")
     up.set_defaults(run=_run_up)
 
     generate = commands.add_parser("generate", help="send a prompt to the gateway and print the answer")
@@ -59,28 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    generate.add_argument(
-        "--chat", action="store_true", help="send the prompt as a user message (chat template)"
-    )
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     generate.add_argument("--model", default="", help="model name (default: the only one served)")
     generate.add_argument("--gateway", default=_env("GATEWAY", f"{cfg.DEFAULT_HOST}:{cfg.GATEWAY_PORT}"))
     generate.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     generate.set_defaults(run=_run_generate)
 
-    status = commands.add_parser(
-        "status", help="health of each service of the local mesh and the models served"
-    )
-    status.add_argument(
-        "--gateway", default=None, help="gateway address (default: from `meshserve up`, else :50051)"
-    )
-    status.add_argument(
-        "--wait", type=float, default=0.0, help="wait up to this many seconds for every service"
-    )
+    status = commands.add_parser("status", help="health of each service of the local mesh and the models served")
+    status.add_argument("--gateway", default=None, help="gateway address (default: from `meshserve up`, else :50051)")
+    status.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for every service")
     status.set_defaults(run=_run_status)
 
-    model = commands.add_parser(
-        "builtin-model", help="create the built-in tiny model (if needed) and print its path"
-    )
+    model = commands.add_parser("builtin-model", help="create the built-in tiny model (if needed) and print its path")
     model.set_defaults(run=_run_builtin_model)
 
     for name, config_type, starter in (

@@ -41,17 +41,13 @@ class ServerConfig:
     log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
     log_file: str = field(default="", metadata=_help("append JSON logs to this file instead of stderr"))
     # SIGTERM drains: no new work, in-flight streams get this long to finish.
-    drain_seconds: float = field(
-        default=30.0, metadata=_help("seconds in-flight calls get to finish on SIGTERM")
-    )
+    drain_seconds: float = field(default=30.0, metadata=_help("seconds in-flight calls get to finish on SIGTERM"))
 
 
 @dataclass
 class WorkerConfig(ServerConfig):
     port: int = field(default=FIRST_WORKER_PORT, metadata=_help("gRPC port"))
-    model: str = field(
-        default="", metadata=_help("Hugging Face model directory (default: the built-in tiny model)")
-    )
+    model: str = field(default="", metadata=_help("Hugging Face model directory (default: the built-in tiny model)"))
     model_name: str = field(
         default="", metadata=_help("name the model is served under (default: the directory's name)")
     )
@@ -85,9 +81,7 @@ class GatewayConfig(ServerConfig):
     aggregator: str = field(default=f"{DEFAULT_HOST}:{AGGREGATOR_PORT}", metadata=_help("aggregator address"))
     default_max_tokens: int = field(default=256, metadata=_help("max_tokens when a request leaves it unset"))
     max_n: int = field(default=64, metadata=_help("largest n a request may ask for"))
-    model_refresh_seconds: float = field(
-        default=30.0, metadata=_help("how often to re-read the served models")
-    )
+    model_refresh_seconds: float = field(default=30.0, metadata=_help("how often to re-read the served models"))
 
 
 C = TypeVar("C", bound=ServerConfig)
@@ -127,9 +121,7 @@ def from_args(config_type: type[C], args: argparse.Namespace | None = None, **ov
             try:
                 values[f.name] = parse(raw)
             except ValueError as exc:
-                raise SystemExit(
-                    f"meshserve: {env_name(f.name)}={raw!r} is not a valid {f.type}: {exc}"
-                ) from exc
+                raise SystemExit(f"meshserve: {env_name(f.name)}={raw!r} is not a valid {f.type}: {exc}") from exc
     return config_type(**values)
 
 

@@ -44,8 +44,7 @@ def invalid_argument(violations: Sequence[tuple[str, str]]) -> MeshError:
     """INVALID_ARGUMENT with a BadRequest detail; the message names every bad field."""
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
-            for name, why in violations
+            error_details_pb2.BadRequest.FieldViolation(field=name, description=why) for name, why in violations
         ]
     )
     message = "; ".join(f"{name}: {why}" for name, why in violations)
@@ -110,9 +109,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        async def stream_wrapper(
-            self: Any, request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -141,6 +138,4 @@ def _as_mesh_error(exc: Exception, method: Callable[..., Any]) -> MeshError:
     if isinstance(exc, grpc.aio.AioRpcError):
         return from_rpc_error(exc)
     log.exception("unexpected error in %s", method.__qualname__)
-    return MeshError(
-        grpc.StatusCode.INTERNAL, f"internal error in {method.__qualname__}: {type(exc).__name__}: {exc}"
-    )
+    return MeshError(grpc.StatusCode.INTERNAL, f"internal error in {method.__qualname__}: {type(exc).__name__}: {exc}")

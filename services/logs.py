@@ -19,8 +19,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
@@ -37,15 +36,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(service: str, level: str = "info", log_file: str = "") -> None:
-    handler: logging.Handler = (
-        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    )
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     try:
         root.setLevel(level.upper())
     except ValueError as exc:
-        raise SystemExit(
-            f"meshserve: unknown log level {level!r}; use debug, info, warning or error"
-        ) from exc
+        raise SystemExit(f"meshserve: unknown log level {level!r}; use debug, info, warning or error") from exc

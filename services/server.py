@@ -60,9 +60,7 @@ class RunningServer:
             await cleanup()
 
 
-async def start_server(
-    host: str, port: int, servicers: Sequence[Servicer], *, serving: bool = True
-) -> RunningServer:
+async def start_server(host: str, port: int, servicers: Sequence[Servicer], *, serving: bool = True) -> RunningServer:
     """Starts a grpc.aio server with health and reflection on host:port (port 0 picks a free one)."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     for servicer in servicers:
@@ -75,9 +73,7 @@ async def start_server(
     try:
         bound_port = server.add_insecure_port(bind)
     except RuntimeError as exc:
-        raise SystemExit(
-            f"meshserve: cannot listen on {bind} ({exc}); is another process using the port?"
-        ) from exc
+        raise SystemExit(f"meshserve: cannot listen on {bind} ({exc}); is another process using the port?") from exc
     await server.start()
     running = RunningServer(server, f"{bind.rsplit(':', 1)[0]}:{bound_port}", names, health_servicer)
     await running.set_serving(serving)

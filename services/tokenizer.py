@@ -31,9 +31,7 @@ class ChatTemplateError(ValueError):
 class ModelTokenizer:
     def __init__(self, files: Mapping[str, bytes]) -> None:
         if "tokenizer.json" not in files:
-            raise ValueError(
-                "tokenizer.json is missing: only fast (tokenizers-library) tokenizers are supported"
-            )
+            raise ValueError("tokenizer.json is missing: only fast (tokenizers-library) tokenizers are supported")
         self.tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         config: dict[str, Any] = json.loads(files.get("tokenizer_config.json", b"{}"))
         special_map: dict[str, Any] = json.loads(files.get("special_tokens_map.json", b"{}"))
@@ -69,9 +67,7 @@ class ModelTokenizer:
         except TemplateError as exc:
             raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from exc
 
-    def encode_chat(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
-    ) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         # Templates write the BOS token themselves; adding it again would double it (as transformers does).
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
@@ -126,8 +122,6 @@ def _jinja() -> ImmutableSandboxedEnvironment:
             raise TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(
-            value, ensure_ascii=False, indent=indent
-        )
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         _JINJA = env
     return _JINJA

@@ -92,9 +92,7 @@ def mesh(model_dir: Path, loop_thread: EventLoopThread) -> Iterator[Mesh]:
     worker = servers["worker"].address
     servers["router"] = loop_thread.run(start_router(RouterConfig(host=host, port=0, workers=worker)))
     router = servers["router"].address
-    servers["aggregator"] = loop_thread.run(
-        start_aggregator(AggregatorConfig(host=host, port=0, router=router))
-    )
+    servers["aggregator"] = loop_thread.run(start_aggregator(AggregatorConfig(host=host, port=0, router=router)))
     aggregator = servers["aggregator"].address
     servers["gateway"] = loop_thread.run(
         start_gateway(GatewayConfig(host=host, port=0, router=router, aggregator=aggregator))

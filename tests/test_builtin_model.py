@@ -18,9 +18,7 @@ def digest(directory) -> dict[str, str]:
 def test_built_twice_gives_identical_files(tmp_path, model_dir):
     write_builtin_model(tmp_path / "again")
     assert digest(tmp_path / "again") == digest(model_dir)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
-        digest(model_dir)
-    )
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(digest(model_dir))
 
 
 def test_ensure_reuses_the_cached_model(cache_dir, model_dir):
@@ -43,9 +41,7 @@ def test_our_tokenizer_matches_transformers(model_dir):
     theirs = AutoTokenizer.from_pretrained(model_dir)
     for text in ["Hello world", "Unicode: café 東京 🙂", "  leading spaces\nand lines", "<|user|> literal"]:
         assert ours.encode(text) == theirs(text).input_ids, text
-        assert ours.decode(ours.encode(text)) == theirs.decode(
-            theirs(text).input_ids, skip_special_tokens=True
-        )
+        assert ours.decode(ours.encode(text)) == theirs.decode(theirs(text).input_ids, skip_special_tokens=True)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     expected = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert ours.render_chat(messages) == expected

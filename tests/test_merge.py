@@ -17,9 +17,7 @@ async def ticking(name: str, delays: list[float], fail_after: int | None = None)
 
 def test_fast_stream_is_not_held_up_by_a_slow_one():
     async def main():
-        return [
-            item async for item in merge_streams([ticking("slow", [0.2, 0.2]), ticking("fast", [0.01] * 3)])
-        ]
+        return [item async for item in merge_streams([ticking("slow", [0.2, 0.2]), ticking("fast", [0.01] * 3)])]
 
     merged = asyncio.run(main())
     assert merged[:3] == [("fast", 0), ("fast", 1), ("fast", 2)]

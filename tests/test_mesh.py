@@ -23,9 +23,7 @@ def inference(mesh) -> inference_pb2_grpc.InferenceStub:
 
 
 def worker_load(mesh) -> worker_pb2.LoadReport:
-    return worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker)).GetLoad(
-        worker_pb2.GetLoadRequest(), timeout=5
-    )
+    return worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker)).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
 
 
 def stream_tokens(stub, request) -> dict[int, list[int]]:
@@ -114,14 +112,10 @@ def test_chat_messages_use_the_chat_template(mesh, model_dir):
     )
     by_messages = stream_tokens(inference(mesh), request)
     rendered_ids = tokenizer.encode_chat([{"role": "user", "content": "Hi there"}])
-    assert tokenizer.decode(rendered_ids, skip_special_tokens=False).startswith(
-        "<s><|user|>\nHi there<|end|>"
-    )
+    assert tokenizer.decode(rendered_ids, skip_special_tokens=False).startswith("<s><|user|>\nHi there<|end|>")
     by_ids = stream_tokens(
         inference(mesh),
-        inference_pb2.GenerateRequest(
-            token_ids=inference_pb2.TokenIds(ids=rendered_ids), sampling=request.sampling
-        ),
+        inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=rendered_ids), sampling=request.sampling),
     )
     assert by_messages == by_ids
 
@@ -129,15 +123,11 @@ def test_chat_messages_use_the_chat_template(mesh, model_dir):
 def test_stop_string_ends_the_completion_before_it(mesh, model_dir):
     stub = inference(mesh)
     sampling = common_pb2.SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    full = stub.Generate(
-        inference_pb2.GenerateRequest(prompt="Hello", sampling=sampling), timeout=60
-    ).completions[0]
+    full = stub.Generate(inference_pb2.GenerateRequest(prompt="Hello", sampling=sampling), timeout=60).completions[0]
     stop = full.text[8:11]
     assert len(stop) == 3
     sampling.stop.append(stop)
-    cut = stub.Generate(
-        inference_pb2.GenerateRequest(prompt="Hello", sampling=sampling), timeout=60
-    ).completions[0]
+    cut = stub.Generate(inference_pb2.GenerateRequest(prompt="Hello", sampling=sampling), timeout=60).completions[0]
     assert cut.text == full.text[: full.text.index(stop)]
     assert cut.finish_reason == common_pb2.FINISH_REASON_STOP
 
@@ -160,9 +150,7 @@ def test_every_service_reports_serving(mesh):
 )
 def test_reflection_lists_the_services(mesh, service, expected):
     stub = reflection_pb2_grpc.ServerReflectionStub(mesh.channel(getattr(mesh, service)))
-    replies = stub.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
-    )
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
     names = {s.name for reply in replies for s in reply.list_services_response.service}
     assert {expected, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     health_stub = health_pb2_grpc.HealthStub(mesh.channel(getattr(mesh, service)))
@@ -255,9 +243,7 @@ def test_router_skips_an_unreachable_worker(mesh, loop_thread):
     from meshserve.v1 import router_pb2_grpc
 
     dead = "127.0.0.1:1"  # nothing listens on port 1
-    router = loop_thread.run(
-        start_router(RouterConfig(host="127.0.0.1", port=0, workers=f"{dead},{mesh.worker}"))
-    )
+    router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=f"{dead},{mesh.worker}")))
     try:
         stub = router_pb2_grpc.RouterStub(mesh.channel(router.address))
         for _ in range(2):

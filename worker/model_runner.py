@@ -53,9 +53,7 @@ class ModelRunner:
         return out.logits[:, -1, :].float(), state
 
     @torch.inference_mode()
-    def decode(
-        self, state: BatchState, next_tokens: list[int], keep_rows: list[int] | None = None
-    ) -> torch.Tensor:
+    def decode(self, state: BatchState, next_tokens: list[int], keep_rows: list[int] | None = None) -> torch.Tensor:
         """One step for every kept row; rows not in keep_rows leave the batch (and the cache) for good."""
         if keep_rows is not None and len(keep_rows) != state.attention_mask.shape[0]:
             index = torch.tensor(keep_rows, dtype=torch.long)

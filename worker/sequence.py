@@ -89,9 +89,7 @@ class Sequence:
             finish = Finish.LENGTH
         if finish is None:
             keep = _longest_stop_prefix_suffix(text, self.options.stop)
-            text, self._held_text = (
-                (text[: len(text) - keep], text[len(text) - keep :]) if keep else (text, "")
-            )
+            text, self._held_text = (text[: len(text) - keep], text[len(text) - keep :]) if keep else (text, "")
         else:
             self._held_text = ""
         self.finish = finish

@@ -52,9 +52,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _loaded(self) -> LoadedModel:
         if self.model is None:
-            raise MeshError(
-                grpc.StatusCode.UNAVAILABLE, "the worker is still loading its model; retry shortly"
-            )
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, "the worker is still loading its model; retry shortly")
         return self.model
 
     @grpc_errors
@@ -122,9 +120,7 @@ def _validate(request: common_pb2.TokenRequest, model: LoadedModel) -> SamplingO
     if not prompt:
         violations.append(("prompt_token_ids", "must hold at least one token"))
     elif max(prompt) >= model.runner.vocab_size:
-        violations.append(
-            ("prompt_token_ids", f"ids must be below the vocabulary size {model.runner.vocab_size}")
-        )
+        violations.append(("prompt_token_ids", f"ids must be below the vocabulary size {model.runner.vocab_size}"))
     if request.model and request.model != model.name:
         violations.append(("model", f"this worker serves {model.name!r}, not {request.model!r}"))
     sampling = request.sampling

@@ -23,9 +23,7 @@ def sub_requests(parent: common_pb2.TokenRequest, n: int) -> list[common_pb2.Tok
 
     Without a seed, a random base seed is drawn, so the n samples still differ.
     """
-    base_seed = (
-        parent.sampling.seed if parent.sampling.HasField("seed") else int.from_bytes(os.urandom(8), "little")
-    )
+    base_seed = parent.sampling.seed if parent.sampling.HasField("seed") else int.from_bytes(os.urandom(8), "little")
     subs = []
     for index in range(n):
         sub = common_pb2.TokenRequest()

@@ -60,9 +60,7 @@ class WorkerPool:
             if worker.model is not None:
                 return
             try:
-                worker.model = await worker.stub.DescribeModel(
-                    worker_pb2.DescribeModelRequest(), timeout=timeout
-                )
+                worker.model = await worker.stub.DescribeModel(worker_pb2.DescribeModelRequest(), timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 log.info("worker %s did not describe its model: %s", worker.address, exc.code().name)
 

@@ -11,11 +11,10 @@ import argparse
 import asyncio
 import time
 
-import grpc
 import torch
 from transformers import AutoModelForCausalLM
 
-from meshserve.channels import aio_channel
+from meshserve.channels import aio_channel, aio_wait_until_serving
 from meshserve.config import GatewayConfig, RouterConfig, WorkerConfig
 from meshserve.gateway.server import start_gateway
 from meshserve.router.server import start_router
@@ -35,19 +34,13 @@ async def mesh_tokens_per_second(concurrency: int, max_tokens: int, threads: int
     channel = aio_channel(gateway.address)
     stub = inference_pb2_grpc.InferenceStub(channel)
     try:
-        await channel.channel_ready()
+        if not await aio_wait_until_serving(gateway.address, timeout=60):
+            raise SystemExit("the gateway never became ready")
         sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
         async def one() -> int:
-            for attempt in range(100):  # the gateway serves once it has read the model list
-                try:
-                    call = stub.GenerateStream(inference_pb2.GenerateRequest(prompt=PROMPT, sampling=sampling))
-                    return sum([len(chunk.token_ids) async for chunk in call])
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or attempt == 99:
-                        raise
-                    await asyncio.sleep(0.1)
-            return 0
+            call = stub.GenerateStream(inference_pb2.GenerateRequest(prompt=PROMPT, sampling=sampling))
+            return sum([len(chunk.token_ids) async for chunk in call])
 
         await one()  # warm-up
         start = time.perf_counter()

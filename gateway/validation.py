@@ -5,18 +5,16 @@ Every failure names its field.
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from dataclasses import dataclass
 
 from meshserve.errors import invalid_argument
 from meshserve.gateway.models import ServedModel
+from meshserve.sampling import sampling_violations, token_id_violations
 from meshserve.tokenizer import ChatTemplateError
 from meshserve.v1 import common_pb2, inference_pb2
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256
 MAX_PROMPT_BYTES = 4 * 1024 * 1024
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
@@ -53,33 +51,8 @@ def validate(
                 f"is {len(prompt_ids)} tokens; the model's context of {context} leaves no room to generate",
             )
         )
-    if sampling.HasField("max_tokens"):
-        max_tokens = sampling.max_tokens
-        if max_tokens < 1 or (prompt_ids and max_tokens > room):
-            violations.append(
-                (
-                    "sampling.max_tokens",
-                    f"must be between 1 and {max(room, 1)} (the model's context of {context} tokens "
-                    f"minus {len(prompt_ids)} prompt tokens), got {max_tokens}",
-                )
-            )
-    else:
-        max_tokens = max(1, min(default_max_tokens, room))
-
-    if sampling.HasField("temperature") and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
-        violations.append(("sampling.temperature", f"must be 0 (greedy) or more, got {sampling.temperature}"))
-    if sampling.HasField("top_p") and not (0 < sampling.top_p <= 1):
-        violations.append(("sampling.top_p", f"must be in (0, 1], got {sampling.top_p}"))
-    if sampling.top_k > model.info.vocab_size:
-        violations.append(("sampling.top_k", f"must be between 0 (off) and {model.info.vocab_size}"))
-    if len(sampling.stop) > MAX_STOP_STRINGS:
-        violations.append(("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
-    for i, stop in enumerate(sampling.stop):
-        if not 1 <= len(stop) <= MAX_STOP_LENGTH:
-            violations.append((f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters"))
-    for i, token_id in enumerate(sampling.stop_token_ids):
-        if token_id >= model.info.vocab_size:
-            violations.append((f"sampling.stop_token_ids[{i}]", f"must be below {model.info.vocab_size}"))
+    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else max(1, min(default_max_tokens, room))
+    violations += sampling_violations(sampling, len(prompt_ids), context, model.info.vocab_size)
 
     if violations:
         raise invalid_argument(violations)
@@ -126,8 +99,5 @@ def _prompt_ids(
             violations.append(("messages", str(exc)))
             return []
     ids = list(request.token_ids.ids)
-    if not ids:
-        violations.append(("token_ids", "must hold at least one id"))
-    elif max(ids) >= model.info.vocab_size:
-        violations.append(("token_ids", f"ids must be below the vocabulary size {model.info.vocab_size}"))
+    violations += token_id_violations("token_ids", ids, model.info.vocab_size)
     return ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -82,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _env(name: str, default: str) -> str:
-    import os
-
     return os.environ.get(cfg.ENV_PREFIX + name, default)
 
 

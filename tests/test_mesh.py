@@ -256,3 +256,12 @@ def test_router_skips_an_unreachable_worker(mesh, loop_thread):
             assert sum(len(c.token_ids) for c in chunks) == 3
     finally:
         loop_thread.run(router.stop(0))
+
+
+def test_worker_checks_requests_that_bypass_the_gateway(mesh):
+    stub = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
+    request = common_pb2.TokenRequest(prompt_token_ids=[], sampling=common_pb2.SamplingParams(top_p=2.0))
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(request, timeout=10))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(bad_request_fields(caught.value)) == {"prompt_token_ids", "sampling.top_p"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
@@ -146,8 +147,6 @@ class Engine:
 
 def set_threads(threads: int) -> int:
     """Sets torch's CPU threads; 0 means half the cores (the other services need the rest)."""
-    import os
-
     chosen = threads if threads > 0 else max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(chosen)
     return chosen

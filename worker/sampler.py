@@ -26,9 +26,9 @@ def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Gene
         scores = scores.masked_fill(scores < kth_best, float("-inf"))
     if options.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+        sorted_probs = torch.softmax(sorted_scores, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
-        drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= options.top_p
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= options.top_p
         scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -12,6 +12,7 @@ import grpc
 from meshserve.config import WorkerConfig
 from meshserve.errors import MeshError, grpc_errors, invalid_argument, unavailable
 from meshserve.logs import current_request_id
+from meshserve.sampling import sampling_violations, token_id_violations
 from meshserve.server import RunningServer, Servicer, start_server
 from meshserve.tokenizer import ModelTokenizer, read_tokenizer_files
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -115,31 +116,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 def _validate(request: common_pb2.TokenRequest, model: LoadedModel) -> SamplingOptions:
     """The worker trusts no caller: a request that reaches it directly gets the same checks."""
-    violations = []
     prompt = request.prompt_token_ids
-    if not prompt:
-        violations.append(("prompt_token_ids", "must hold at least one token"))
-    elif max(prompt) >= model.runner.vocab_size:
-        violations.append(("prompt_token_ids", f"ids must be below the vocabulary size {model.runner.vocab_size}"))
+    violations = token_id_violations("prompt_token_ids", prompt, model.runner.vocab_size)
     if request.model and request.model != model.name:
         violations.append(("model", f"this worker serves {model.name!r}, not {request.model!r}"))
     sampling = request.sampling
-    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else 16
-    room = model.runner.max_context_length - len(prompt)
-    if max_tokens < 1 or max_tokens > room:
-        violations.append(("sampling.max_tokens", f"must be between 1 and {max(room, 1)} for this prompt"))
-    temperature = sampling.temperature if sampling.HasField("temperature") else 1.0
-    if not temperature >= 0:
-        violations.append(("sampling.temperature", "must be 0 (greedy) or more"))
-    top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
-    if not 0 < top_p <= 1:
-        violations.append(("sampling.top_p", "must be in (0, 1]"))
+    context = model.runner.max_context_length
+    violations += sampling_violations(sampling, len(prompt), context, model.runner.vocab_size)
+    if len(prompt) >= context:
+        violations.append(("prompt_token_ids", f"{len(prompt)} tokens leave no room in the context of {context}"))
     if violations:
         raise invalid_argument(violations)
     return SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
+        # The gateway always sets max_tokens; a direct caller that does not gets a short answer.
+        max_tokens=sampling.max_tokens if sampling.HasField("max_tokens") else max(1, min(16, context - len(prompt))),
+        temperature=sampling.temperature if sampling.HasField("temperature") else 1.0,
+        top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
         top_k=sampling.top_k,
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop=tuple(s for s in sampling.stop if s),

@@ -1,0 +1,52 @@
+"""Range checks of sampling parameters, shared by the gateway (public input) and the worker (trusts no caller)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from meshserve.v1 import common_pb2
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+Violation = tuple[str, str]
+
+
+def token_id_violations(field: str, ids: Sequence[int], vocab_size: int) -> list[Violation]:
+    if not ids:
+        return [(field, "must hold at least one token id")]
+    if max(ids) >= vocab_size:
+        return [(field, f"ids must be below the vocabulary size {vocab_size}")]
+    return []
+
+
+def sampling_violations(
+    sampling: common_pb2.SamplingParams, prompt_tokens: int, context_length: int, vocab_size: int
+) -> list[Violation]:
+    """Every out-of-range field of `sampling` for a prompt of prompt_tokens (max_tokens only when set)."""
+    violations: list[Violation] = []
+    room = context_length - prompt_tokens
+    if sampling.HasField("max_tokens") and not 1 <= sampling.max_tokens <= room:
+        violations.append(
+            (
+                "sampling.max_tokens",
+                f"must be between 1 and {max(room, 1)} (the model's context of {context_length} tokens "
+                f"minus {prompt_tokens} prompt tokens), got {sampling.max_tokens}",
+            )
+        )
+    if sampling.HasField("temperature") and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        violations.append(("sampling.temperature", f"must be 0 (greedy) or more, got {sampling.temperature}"))
+    if sampling.HasField("top_p") and not (0 < sampling.top_p <= 1):
+        violations.append(("sampling.top_p", f"must be in (0, 1], got {sampling.top_p}"))
+    if sampling.top_k > vocab_size:
+        violations.append(("sampling.top_k", f"must be between 0 (off) and {vocab_size}"))
+    if len(sampling.stop) > MAX_STOP_STRINGS:
+        violations.append(("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+    for i, stop in enumerate(sampling.stop):
+        if not 1 <= len(stop) <= MAX_STOP_LENGTH:
+            violations.append((f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters"))
+    for i, token_id in enumerate(sampling.stop_token_ids):
+        if token_id >= vocab_size:
+            violations.append((f"sampling.stop_token_ids[{i}]", f"must be below {vocab_size}"))
+    return violations

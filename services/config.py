@@ -52,6 +52,17 @@ class WorkerConfig(ServerConfig):
         default="", metadata=_help("name the model is served under (default: the directory's name)")
     )
     max_num_seqs: int = field(default=16, metadata=_help("sequences decoded together at most"))
+    max_num_batched_tokens: int = field(
+        default=512, metadata=_help("tokens computed in one engine step at most (longer prompts go in chunks)")
+    )
+    block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    kv_cache_memory: str = field(
+        default="auto",
+        metadata=_help(
+            "KV-cache pool: a size (512MiB, 2GB), a fraction of free memory (0.3), or auto "
+            "(0.9 of free GPU memory; on CPU 10%% of available memory, at most 1 GiB)"
+        ),
+    )
     threads: int = field(default=0, metadata=_help("torch CPU threads (0: half the cores, at least 1)"))
     dtype: str = field(default="float32", metadata=_help("float32, bfloat16 or float16"))
 

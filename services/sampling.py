@@ -9,6 +9,7 @@ from meshserve.v1 import common_pb2
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_TOP_LOGPROBS = 20
 
 Violation = tuple[str, str]
 
@@ -41,6 +42,22 @@ def sampling_violations(
         violations.append(("sampling.top_p", f"must be in (0, 1], got {sampling.top_p}"))
     if sampling.top_k > vocab_size:
         violations.append(("sampling.top_k", f"must be between 0 (off) and {vocab_size}"))
+    if not (math.isfinite(sampling.min_p) and 0 <= sampling.min_p <= 1):
+        violations.append(("sampling.min_p", f"must be in [0, 1] (0 = off), got {sampling.min_p}"))
+    if sampling.HasField("repetition_penalty") and not (
+        math.isfinite(sampling.repetition_penalty) and 0 < sampling.repetition_penalty <= 10
+    ):
+        violations.append(
+            ("sampling.repetition_penalty", f"must be in (0, 10] (1 = off), got {sampling.repetition_penalty}")
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sampling, name)
+        if not (math.isfinite(value) and -2 <= value <= 2):
+            violations.append((f"sampling.{name}", f"must be in [-2, 2] (0 = off), got {value}"))
+    if sampling.top_logprobs > MAX_TOP_LOGPROBS:
+        violations.append(("sampling.top_logprobs", f"must be at most {MAX_TOP_LOGPROBS}"))
+    elif sampling.top_logprobs and not sampling.logprobs:
+        violations.append(("sampling.top_logprobs", "needs sampling.logprobs set"))
     if len(sampling.stop) > MAX_STOP_STRINGS:
         violations.append(("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
     for i, stop in enumerate(sampling.stop):

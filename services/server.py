@@ -37,6 +37,8 @@ class RunningServer:
     service_names: list[str]
     health: health.aio.HealthServicer
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Called when stopping begins, before the grace period (e.g. to report draining to subscribers).
+    on_drain: list[Callable[[], None]] = field(default_factory=list)
     _stopped: bool = False
 
     @property
@@ -55,6 +57,8 @@ class RunningServer:
             return
         self._stopped = True
         await self.set_serving(False)
+        for drain in self.on_drain:
+            drain()
         await self.server.stop(grace)
         for cleanup in reversed(self.on_stop):
             await cleanup()

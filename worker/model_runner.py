@@ -1,74 +1,176 @@
-"""Tensors in, logits out: the Hugging Face model over left-padded batches with a DynamicCache."""
+"""Scheduled chunks in, next-token logits out: the Hugging Face model over the paged KV pool.
+
+transformers loads the weights and runs its own modules (embeddings, projections, rotary or
+learned positions, MLPs); the attention calls are ours (paged_attention.py), so the cache,
+its memory budget and the batching of many sequences into one forward are the engine's.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from meshserve.worker.paged_attention import ATTENTION_NAME, KVPool, PagedBatch, PromptSpan
+from meshserve.worker.scheduler import ScheduledChunk
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# On CPU with kv_cache_memory "auto": this share of available memory, at most CPU_AUTO_KV_CAP bytes.
+CPU_AUTO_KV_FRACTION = 0.1
+CPU_AUTO_KV_CAP = 1 << 30
+GPU_AUTO_KV_FRACTION = 0.9
 
 
-@dataclass
-class BatchState:
-    cache: DynamicCache
-    attention_mask: torch.Tensor  # [batch, tokens so far], 0 on left padding
-    next_positions: torch.Tensor  # [batch], position id of each sequence's next token
+@dataclass(frozen=True)
+class KVCacheSpec:
+    block_size: int
+    num_blocks: int
+    bytes_per_block: int
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.block_size * self.num_blocks
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        block_size: int = 16,
+        kv_cache_memory: str = "auto",
+        num_blocks: int | None = None,
+        device: str = "auto",
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, not {block_size}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         config = AutoConfig.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=DTYPES[dtype], attn_implementation=ATTENTION_NAME
+        ).to(self.device)
+        self.model.eval()
         self.vocab_size: int = config.vocab_size
-        self.max_context_length: int = getattr(config, "max_position_embeddings", 2048)
+        self.max_context_length: int = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", 2048
+        )
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = config.eos_token_id
         self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
-    @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchState]:
-        """Runs the prompts (left-padded to one length). Returns last-position logits [batch, vocab]."""
-        longest = max(len(p) for p in prompts)
-        input_ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        attention_mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-            attention_mask[row, longest - len(prompt) :] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache()
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
+        text_config = config.get_text_config()
+        num_layers = text_config.num_hidden_layers
+        heads = text_config.num_attention_heads
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        bytes_per_block = KVPool.bytes_per_block(num_layers, block_size, kv_heads, head_dim, DTYPES[dtype])
+        if num_blocks is None:
+            num_blocks = kv_cache_bytes(kv_cache_memory, self.device) // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory {kv_cache_memory!r} holds no KV block of {bytes_per_block} bytes; give it more"
+            )
+        self.kv = KVCacheSpec(block_size, num_blocks, bytes_per_block)
+        self.pool = KVPool.allocate(num_layers, num_blocks, block_size, kv_heads, head_dim, DTYPES[dtype], self.device)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
+            num_blocks,
+            block_size,
+            num_blocks * bytes_per_block / 2**20,
+            self.kv.capacity_tokens,
         )
-        state = BatchState(cache, attention_mask, position_ids[:, -1] + 1)
-        return out.logits[:, -1, :].float(), state
 
     @torch.inference_mode()
-    def decode(self, state: BatchState, next_tokens: list[int], keep_rows: list[int] | None = None) -> torch.Tensor:
-        """One step for every kept row; rows not in keep_rows leave the batch (and the cache) for good."""
-        if keep_rows is not None and len(keep_rows) != state.attention_mask.shape[0]:
-            index = torch.tensor(keep_rows, dtype=torch.long)
-            state.cache.batch_select_indices(index)
-            state.attention_mask = state.attention_mask[index]
-            state.next_positions = state.next_positions[index]
-        state.attention_mask = torch.cat(
-            [state.attention_mask, torch.ones(len(next_tokens), 1, dtype=torch.long)], dim=1
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Computes every chunk's keys and values; returns float32 logits [sampling chunks, vocab]
+        for the chunks that reach their sequence's end, in order."""
+        block_size = self.kv.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prompts: list[PromptSpan] = []
+        sample_rows: list[int] = []
+        for chunk in chunks:
+            sequence, first_row = chunk.sequence, len(input_ids)
+            table = sequence.block_table
+            span = range(chunk.start, chunk.start + chunk.length)
+            input_ids += sequence.token_ids[chunk.start : chunk.start + chunk.length]
+            positions += span
+            slots += [table[p // block_size] * block_size + p % block_size for p in span]
+            context = chunk.start + chunk.length
+            if chunk.length == 1:
+                decode_rows.append(first_row)
+                decode_tables.append(table[: -(-context // block_size)])
+                decode_lens.append(context)
+            else:
+                blocks = torch.tensor(table[: -(-context // block_size)], dtype=torch.long, device=self.device)
+                prompts.append(PromptSpan(first_row, chunk.length, chunk.start, blocks))
+            if chunk.samples:
+                sample_rows.append(len(input_ids) - 1)
+        widest = max((len(t) for t in decode_tables), default=0)
+        paged = PagedBatch(
+            pool=self.pool,
+            slot_mapping=self._tensor(slots),
+            decode_rows=self._tensor(decode_rows),
+            decode_block_tables=self._tensor([t + [0] * (widest - len(t)) for t in decode_tables]).view(
+                len(decode_tables), widest
+            ),
+            decode_context_lens=self._tensor(decode_lens),
+            prompts=prompts,
         )
         out = self.model(
-            input_ids=torch.tensor(next_tokens, dtype=torch.long).unsqueeze(1),
-            attention_mask=state.attention_mask,
-            position_ids=state.next_positions.unsqueeze(1),
-            past_key_values=state.cache,
-            use_cache=True,
+            input_ids=self._tensor(input_ids).unsqueeze(0),
+            position_ids=self._tensor(positions).unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=self._tensor(sample_rows),
+            paged=paged,
         )
-        state.next_positions = state.next_positions + 1
-        return out.logits[:, -1, :].float()
+        return out.logits[0].float()
+
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def kv_cache_bytes(setting: str, device: torch.device) -> int:
+    """'auto', a fraction of the memory available ('0.3'), or a size ('512MiB', '2GB', '1000000')."""
+    setting = setting.strip()
+    if setting == "auto":
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0] * GPU_AUTO_KV_FRACTION)
+        return min(int(_available_host_memory() * CPU_AUTO_KV_FRACTION), CPU_AUTO_KV_CAP)
+    try:
+        number = float(setting.rstrip("KMGTiBb").strip() or "x")
+    except ValueError:
+        number = -1.0
+    suffix = setting[len(setting.rstrip("KMGTiBb")) :]
+    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+    units |= {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    if number <= 0 or suffix not in units:
+        raise ValueError(
+            f"kv_cache_memory must be 'auto', a fraction in (0, 1] or a size like 512MiB or 2GB, not {setting!r}"
+        )
+    if suffix == "" and number <= 1:
+        available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_memory()
+        return int(available * number)
+    return int(number * units[suffix])
+
+
+def _available_host_memory() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; set kv_cache_memory to a size")

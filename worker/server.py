@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from meshserve.worker.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
 from meshserve.worker.engine import Engine, set_threads
 from meshserve.worker.model_runner import ModelRunner
-from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput
+from meshserve.worker.sequence import NORMAL_PRIORITY, Finish, SamplingOptions, Sequence, SequenceOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,18 @@ FINISH_REASONS = {
 }
 
 
+WATCH_HEARTBEAT_S = 1.0
+
+
 class LoadedModel:
-    def __init__(self, model_dir: Path, name: str, dtype: str, max_num_seqs: int) -> None:
+    def __init__(self, model_dir: Path, name: str, config: WorkerConfig) -> None:
         self.dir = model_dir
         self.name = name
-        self.runner = ModelRunner(model_dir, dtype)
+        self.runner = ModelRunner(
+            model_dir, config.dtype, block_size=config.block_size, kv_cache_memory=config.kv_cache_memory
+        )
         self.tokenizer = ModelTokenizer.from_dir(model_dir)
-        self.engine = Engine(self.runner, max_num_seqs)
+        self.engine = Engine(self.runner, config.max_num_seqs, config.max_num_batched_tokens)
         self.info = common_pb2.ModelInfo(
             name=name,
             max_context_length=self.runner.max_context_length,
@@ -65,6 +72,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         options = _validate(request, model)
         outputs: asyncio.Queue[SequenceOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
         sequence = Sequence(
             request_id=request.request_id,
             prompt_ids=list(request.prompt_token_ids),
@@ -73,6 +81,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             eos_token_ids=model.runner.eos_token_ids,
             max_context_length=model.runner.max_context_length,
             emit=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
+            priority=request.priority or NORMAL_PRIORITY,
+            deadline=time.monotonic() + remaining if remaining is not None else None,
         )
         try:
             model.engine.submit(sequence)
@@ -91,7 +101,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     return
         finally:
             # Client cancelled, deadline passed or server stopping: the engine drops it at the next step.
-            sequence.request_cancel()
+            if not sequence.finished:
+                sequence.request_cancel()
+                model.engine.wake()
 
     @grpc_errors
     async def DescribeModel(
@@ -103,15 +115,45 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def GetLoad(
         self, request: worker_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.LoadReport:
-        load = self._loaded().engine.load()
-        return worker_pb2.LoadReport(
-            running_sequences=load.running_sequences,
-            waiting_sequences=load.waiting_sequences,
-            max_num_seqs=load.max_num_seqs,
-            sequences_finished=load.sequences_finished,
-            sequences_cancelled=load.sequences_cancelled,
-            generated_tokens=load.generated_tokens,
-        )
+        return _load_report(self._loaded().engine.load())
+
+    @grpc_errors
+    async def WatchLoad(
+        self, request: worker_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.LoadReport]:
+        engine = self._loaded().engine
+        interval = (request.interval_ms or 100) / 1000
+        if interval < 0.01:
+            raise invalid_argument([("interval_ms", "must be 0 (100 ms) or at least 10")])
+        last, last_sent = None, 0.0
+        while True:
+            load = engine.load()
+            # Tokens/s moves every step; only a change in what a scheduler acts on (or the heartbeat) is news.
+            key = dataclasses.replace(load, tokens_per_second=0.0)
+            if key != last or time.monotonic() - last_sent >= WATCH_HEARTBEAT_S:
+                yield _load_report(load)
+                last, last_sent = key, time.monotonic()
+            await asyncio.sleep(interval)
+
+
+def _load_report(load) -> worker_pb2.LoadReport:
+    return worker_pb2.LoadReport(
+        running_sequences=load.running_sequences,
+        waiting_sequences=load.waiting_sequences,
+        waiting_by_priority=load.waiting_by_priority,
+        max_num_seqs=load.max_num_seqs,
+        max_num_batched_tokens=load.max_num_batched_tokens,
+        sequences_finished=load.sequences_finished,
+        sequences_cancelled=load.sequences_cancelled,
+        generated_tokens=load.generated_tokens,
+        free_kv_blocks=load.free_kv_blocks,
+        total_kv_blocks=load.total_kv_blocks,
+        kv_block_size=load.kv_block_size,
+        tokens_per_second=load.tokens_per_second,
+        prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+        preemptions=load.preemptions,
+        draining=load.draining,
+    )
 
 
 def _validate(request: common_pb2.TokenRequest, model: LoadedModel) -> SamplingOptions:
@@ -125,18 +167,34 @@ def _validate(request: common_pb2.TokenRequest, model: LoadedModel) -> SamplingO
     violations += sampling_violations(sampling, len(prompt), context, model.runner.vocab_size)
     if len(prompt) >= context:
         violations.append(("prompt_token_ids", f"{len(prompt)} tokens leave no room in the context of {context}"))
+    if request.priority not in common_pb2.Priority.values():
+        violations.append(("priority", f"unknown priority {request.priority}"))
     if violations:
         raise invalid_argument(violations)
+    # The gateway always sets max_tokens; a direct caller that does not gets a short answer.
+    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else max(1, min(16, context - len(prompt)))
+    capacity = model.runner.kv.capacity_tokens
+    if len(prompt) + max_tokens > capacity:
+        raise MeshError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{len(prompt)} prompt tokens + {max_tokens} max_tokens exceed this worker's KV cache of {capacity} "
+            "tokens; shorten the prompt, lower max_tokens, or give workers a larger --kv-cache-memory",
+        )
     return SamplingOptions(
-        # The gateway always sets max_tokens; a direct caller that does not gets a short answer.
-        max_tokens=sampling.max_tokens if sampling.HasField("max_tokens") else max(1, min(16, context - len(prompt))),
+        max_tokens=max_tokens,
         temperature=sampling.temperature if sampling.HasField("temperature") else 1.0,
         top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
         top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop=tuple(s for s in sampling.stop if s),
         stop_token_ids=tuple(sampling.stop_token_ids),
         ignore_eos=sampling.ignore_eos,
+        logprobs=sampling.logprobs,
+        top_logprobs=sampling.top_logprobs,
     )
 
 
@@ -147,13 +205,19 @@ def _merge(first: SequenceOutput, second: SequenceOutput) -> SequenceOutput:
         finish=second.finish,
         prompt_tokens=second.prompt_tokens,
         completion_tokens=second.completion_tokens,
+        cached_prompt_tokens=second.cached_prompt_tokens,
         error=second.error,
+        logprobs=first.logprobs + second.logprobs,
     )
 
 
 def _chunk(request: common_pb2.TokenRequest, output: SequenceOutput) -> common_pb2.TokenChunk:
     chunk = common_pb2.TokenChunk(
-        request_id=request.request_id, index=request.index, token_ids=output.token_ids, text=output.text
+        request_id=request.request_id,
+        index=request.index,
+        token_ids=output.token_ids,
+        text=output.text,
+        logprobs=[_logprob(lp) for lp in output.logprobs],
     )
     if output.finish is not None:
         chunk.finish_reason = FINISH_REASONS[output.finish]
@@ -162,9 +226,18 @@ def _chunk(request: common_pb2.TokenRequest, output: SequenceOutput) -> common_p
                 prompt_tokens=output.prompt_tokens,
                 completion_tokens=output.completion_tokens,
                 total_tokens=output.prompt_tokens + output.completion_tokens,
+                cached_prompt_tokens=output.cached_prompt_tokens,
             )
         )
     return chunk
+
+
+def _logprob(logprob: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=logprob.token_id,
+        logprob=logprob.logprob,
+        top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprob.top],
+    )
 
 
 async def start_worker(config: WorkerConfig) -> RunningServer:
@@ -188,12 +261,17 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
         await running.stop(0)
         raise SystemExit(f"meshserve: {model_dir} is not a Hugging Face model directory (no config.json)")
     name = config.model_name or (BUILTIN_MODEL_NAME if not config.model else model_dir.name)
-    servicer.model = await asyncio.to_thread(LoadedModel, model_dir, name, config.dtype, config.max_num_seqs)
-    servicer.model.engine.start()
+    try:
+        model = await asyncio.to_thread(LoadedModel, model_dir, name, config)
+    except ValueError as exc:  # a bad setting (dtype, KV-cache size): say which, not a traceback
+        await running.stop(0)
+        raise SystemExit(f"meshserve: {exc}") from exc
+    servicer.model = model
+    model.engine.start()
+    running.on_drain.append(model.engine.start_draining)
 
     async def stop_engine() -> None:
-        assert servicer.model is not None
-        await asyncio.to_thread(servicer.model.engine.stop)
+        await asyncio.to_thread(model.engine.stop)
 
     running.on_stop.append(stop_engine)
     await running.set_serving(True)

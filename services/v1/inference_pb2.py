@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/inference.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x91\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.meshserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12(\n\x08priority\x18\x07 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05input\"\x93\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\"\x88\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.Completion\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.meshserve.v1.Usage\"\xc2\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x32\x80\x02\n\tInference\x12I\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.meshserve.v1.GenerateRequest\x1a$.meshserve.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/inference.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x91\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.meshserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12(\n\x08priority\x18\x07 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05input\"\xc1\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\"\x88\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.Completion\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.meshserve.v1.Usage\"\xf0\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob2\x80\x02\n\tInference\x12I\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.meshserve.v1.GenerateRequest\x1a$.meshserve.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,11 +39,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=160
   _globals['_GENERATEREQUEST']._serialized_end=433
   _globals['_COMPLETION']._serialized_start=436
-  _globals['_COMPLETION']._serialized_end=583
-  _globals['_GENERATERESPONSE']._serialized_start=586
-  _globals['_GENERATERESPONSE']._serialized_end=722
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=725
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=919
-  _globals['_INFERENCE']._serialized_start=922
-  _globals['_INFERENCE']._serialized_end=1178
+  _globals['_COMPLETION']._serialized_end=629
+  _globals['_GENERATERESPONSE']._serialized_start=632
+  _globals['_GENERATERESPONSE']._serialized_end=768
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=771
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1011
+  _globals['_INFERENCE']._serialized_start=1014
+  _globals['_INFERENCE']._serialized_end=1270
 # @@protoc_insertion_point(module_scope)

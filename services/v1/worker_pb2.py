@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/worker.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\"\x16\n\x14\x44\x65scribeModelRequest\"\x10\n\x0eGetLoadRequest\"\xab\x01\n\nLoadReport\x12\x19\n\x11running_sequences\x18\x01 \x01(\r\x12\x19\n\x11waiting_sequences\x18\x02 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x03 \x01(\r\x12\x1a\n\x12sequences_finished\x18\x04 \x01(\x04\x12\x1b\n\x13sequences_cancelled\x18\x05 \x01(\x04\x12\x18\n\x10generated_tokens\x18\x06 \x01(\x04\x32\xdd\x01\n\x06Worker\x12\x42\n\x08Generate\x12\x1a.meshserve.v1.TokenRequest\x1a\x18.meshserve.v1.TokenChunk0\x01\x12L\n\rDescribeModel\x12\".meshserve.v1.DescribeModelRequest\x1a\x17.meshserve.v1.ModelInfo\x12\x41\n\x07GetLoad\x12\x1c.meshserve.v1.GetLoadRequest\x1a\x18.meshserve.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/worker.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\"\x16\n\x14\x44\x65scribeModelRequest\"\x10\n\x0eGetLoadRequest\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\x91\x03\n\nLoadReport\x12\x19\n\x11running_sequences\x18\x01 \x01(\r\x12\x19\n\x11waiting_sequences\x18\x02 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x03 \x01(\r\x12\x1a\n\x12sequences_finished\x18\x04 \x01(\x04\x12\x1b\n\x13sequences_cancelled\x18\x05 \x01(\x04\x12\x18\n\x10generated_tokens\x18\x06 \x01(\x04\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x08 \x01(\r\x12\x15\n\rkv_block_size\x18\t \x01(\r\x12\x19\n\x11tokens_per_second\x18\n \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0b \x01(\x02\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\r\x12\x1b\n\x13waiting_by_priority\x18\x0f \x03(\r2\xa6\x02\n\x06Worker\x12\x42\n\x08Generate\x12\x1a.meshserve.v1.TokenRequest\x1a\x18.meshserve.v1.TokenChunk0\x01\x12L\n\rDescribeModel\x12\".meshserve.v1.DescribeModelRequest\x1a\x17.meshserve.v1.ModelInfo\x12\x41\n\x07GetLoad\x12\x1c.meshserve.v1.GetLoadRequest\x1a\x18.meshserve.v1.LoadReport\x12G\n\tWatchLoad\x12\x1e.meshserve.v1.WatchLoadRequest\x1a\x18.meshserve.v1.LoadReport0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEMODELREQUEST']._serialized_end=92
   _globals['_GETLOADREQUEST']._serialized_start=94
   _globals['_GETLOADREQUEST']._serialized_end=110
-  _globals['_LOADREPORT']._serialized_start=113
-  _globals['_LOADREPORT']._serialized_end=284
-  _globals['_WORKER']._serialized_start=287
-  _globals['_WORKER']._serialized_end=508
+  _globals['_WATCHLOADREQUEST']._serialized_start=112
+  _globals['_WATCHLOADREQUEST']._serialized_end=151
+  _globals['_LOADREPORT']._serialized_start=154
+  _globals['_LOADREPORT']._serialized_end=555
+  _globals['_WORKER']._serialized_start=558
+  _globals['_WORKER']._serialized_end=852
 # @@protoc_insertion_point(module_scope)

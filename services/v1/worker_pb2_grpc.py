@@ -50,6 +50,11 @@ class WorkerStub:
                 request_serializer=meshserve_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=meshserve_dot_v1_dot_worker__pb2.LoadReport.FromString,
                 _registered_method=True)
+        self.WatchLoad = channel.unary_stream(
+                '/meshserve.v1.Worker/WatchLoad',
+                request_serializer=meshserve_dot_v1_dot_worker__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_worker__pb2.LoadReport.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -75,6 +80,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLoad(self, request, context):
+        """The worker's load now, then again whenever it changes (at most every interval_ms,
+        and at least once a second as a heartbeat) until the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +104,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
                     request_deserializer=meshserve_dot_v1_dot_worker__pb2.GetLoadRequest.FromString,
+                    response_serializer=meshserve_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
+            ),
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=meshserve_dot_v1_dot_worker__pb2.WatchLoadRequest.FromString,
                     response_serializer=meshserve_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
             ),
     }
@@ -174,6 +192,33 @@ class Worker:
             target,
             '/meshserve.v1.Worker/GetLoad',
             meshserve_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
+            meshserve_dot_v1_dot_worker__pb2.LoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.v1.Worker/WatchLoad',
+            meshserve_dot_v1_dot_worker__pb2.WatchLoadRequest.SerializeToString,
             meshserve_dot_v1_dot_worker__pb2.LoadReport.FromString,
             options,
             channel_credentials,

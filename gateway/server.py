@@ -47,10 +47,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         validated = await self._validate(request)
         request_id = validated.token_request.request_id
-        completion_tokens = 0
+        finished: list[common_pb2.Usage] = []
         async for chunk in self._mesh_stream(validated, context.time_remaining()):
             if chunk.finish_reason:
-                completion_tokens += chunk.usage.completion_tokens
+                finished.append(chunk.usage)
             yield inference_pb2.GenerateStreamResponse(
                 request_id=request_id,
                 index=chunk.index,
@@ -58,10 +58,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 text=chunk.text,
                 finish_reason=chunk.finish_reason,
                 usage=chunk.usage if chunk.finish_reason else None,
+                logprobs=chunk.logprobs,
             )
-        yield inference_pb2.GenerateStreamResponse(
-            request_id=request_id, usage=_usage(validated, completion_tokens), final=True
-        )
+        yield inference_pb2.GenerateStreamResponse(request_id=request_id, usage=_usage(validated, finished), final=True)
 
     @grpc_errors
     async def Generate(
@@ -73,18 +72,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         async for chunk in self._mesh_stream(validated, context.time_remaining()):
             completion = completions[chunk.index]
             completion.token_ids.extend(chunk.token_ids)
+            completion.logprobs.extend(chunk.logprobs)
             texts[chunk.index].append(chunk.text)
             if chunk.finish_reason:
                 completion.finish_reason = chunk.finish_reason
                 completion.usage.CopyFrom(chunk.usage)
         for completion, text in zip(completions, texts, strict=True):
             completion.text = "".join(text)
-        completion_tokens = sum(c.usage.completion_tokens for c in completions)
         return inference_pb2.GenerateResponse(
             request_id=validated.token_request.request_id,
             model=validated.model.name,
             completions=completions,
-            usage=_usage(validated, completion_tokens),
+            usage=_usage(validated, [c.usage for c in completions]),
         )
 
     @grpc_errors
@@ -119,12 +118,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             yield chunk
 
 
-def _usage(validated: ValidatedRequest, completion_tokens: int) -> common_pb2.Usage:
+def _usage(validated: ValidatedRequest, per_index: list[common_pb2.Usage]) -> common_pb2.Usage:
+    """The prompt once, the completions of every index; cached prompt tokens of the luckiest index."""
     prompt_tokens = len(validated.token_request.prompt_token_ids)
+    completion_tokens = sum(u.completion_tokens for u in per_index)
     return common_pb2.Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        cached_prompt_tokens=max((u.cached_prompt_tokens for u in per_index), default=0),
     )
 
 

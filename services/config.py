@@ -56,6 +56,9 @@ class WorkerConfig(ServerConfig):
         default=512, metadata=_help("tokens computed in one engine step at most (longer prompts go in chunks)")
     )
     block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    prefix_caching: bool = field(
+        default=True, metadata=_help("reuse the KV blocks of prompt prefixes seen before (true or false)")
+    )
     kv_cache_memory: str = field(
         default="auto",
         metadata=_help(
@@ -138,4 +141,13 @@ def from_args(config_type: type[C], args: argparse.Namespace | None = None, **ov
 
 def _parser_for(type_name: Any) -> Any:
     # Fields are annotated as strings (from __future__ import annotations).
-    return {"int": int, "float": float, "str": str}[str(type_name)]
+    return {"int": int, "float": float, "str": str, "bool": _parse_bool}[str(type_name)]
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {raw!r}")

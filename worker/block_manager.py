@@ -43,6 +43,8 @@ class PrefixCacheStats:
 class BlockManager:
     num_blocks: int
     block_size: int = 16
+    # Off: no block is ever shared or found again (every prompt is computed in full).
+    prefix_caching: bool = True
     blocks: list[Block] = field(init=False)
     stats: PrefixCacheStats = field(init=False, default_factory=PrefixCacheStats)
 
@@ -96,6 +98,8 @@ class BlockManager:
         cached blocks still recomputes its last block, into a block of its own.
         """
         hits: list[int] = []
+        if not self.prefix_caching:
+            return hits
         prefix_hash = NO_HASH
         for index in range((len(token_ids) - 1) // self.block_size):
             chunk = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
@@ -122,6 +126,8 @@ class BlockManager:
         Only computed blocks are published: a block merely allocated holds no keys yet, and a
         sequence that hit it would read garbage.
         """
+        if not self.prefix_caching:
+            return
         full_blocks = num_computed_tokens // self.block_size
         first = full_blocks
         while first > 0 and self.blocks[block_table[first - 1]].hash == NO_HASH:

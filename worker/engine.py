@@ -49,9 +49,11 @@ class EngineLoad:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_num_batched_tokens: int = 512) -> None:
+    def __init__(
+        self, runner: ModelRunner, max_num_seqs: int, max_num_batched_tokens: int = 512, prefix_caching: bool = True
+    ) -> None:
         self.runner = runner
-        self.block_manager = BlockManager(runner.kv.num_blocks, runner.kv.block_size)
+        self.block_manager = BlockManager(runner.kv.num_blocks, runner.kv.block_size, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self._incoming: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()

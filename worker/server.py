@@ -44,7 +44,9 @@ class LoadedModel:
             model_dir, config.dtype, block_size=config.block_size, kv_cache_memory=config.kv_cache_memory
         )
         self.tokenizer = ModelTokenizer.from_dir(model_dir)
-        self.engine = Engine(self.runner, config.max_num_seqs, config.max_num_batched_tokens)
+        self.engine = Engine(
+            self.runner, config.max_num_seqs, config.max_num_batched_tokens, prefix_caching=config.prefix_caching
+        )
         self.info = common_pb2.ModelInfo(
             name=name,
             max_context_length=self.runner.max_context_length,

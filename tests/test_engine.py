@@ -1,0 +1,343 @@
+"""The engine on the built-in model: batched == alone, under preemption and prefix hits; no leaks; priorities."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from meshserve.tokenizer import ModelTokenizer
+from meshserve.worker.engine import Engine
+from meshserve.worker.model_runner import ModelRunner
+from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput
+
+WAIT_S = 120
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    outputs: list[SequenceOutput] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def finish(self) -> Finish | None:
+        return self.outputs[-1].finish if self.outputs else None
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir) -> ModelTokenizer:
+    return ModelTokenizer.from_dir(model_dir)
+
+
+def start_engine(model_dir, num_blocks: int = 512, max_num_seqs: int = 32, **kwargs) -> Engine:
+    runner = ModelRunner(model_dir, num_blocks=num_blocks, block_size=kwargs.pop("block_size", 16))
+    engine = Engine(runner, max_num_seqs, **kwargs)
+    engine.start()
+    return engine
+
+
+def make_sequence(
+    engine: Engine, tokenizer: ModelTokenizer, prompt: list[int], options: SamplingOptions, **kwargs
+) -> tuple[Sequence, Result]:
+    result = Result()
+
+    def emit(output: SequenceOutput) -> None:
+        result.tokens += output.token_ids
+        result.outputs.append(output)
+        if output.finish is not None:
+            result.done.set()
+
+    sequence = Sequence(
+        request_id=f"r{random.random()}",
+        prompt_ids=prompt,
+        options=options,
+        detokenizer=tokenizer.detokenizer(prompt),
+        eos_token_ids=engine.runner.eos_token_ids,
+        max_context_length=engine.runner.max_context_length,
+        emit=kwargs.pop("emit", emit),
+        **kwargs,
+    )
+    return sequence, result
+
+
+def run_all(engine: Engine, tokenizer, requests, **kwargs) -> list[Result]:
+    """Submits every (prompt, options) at once and waits for all of them."""
+    pairs = [make_sequence(engine, tokenizer, p, o, **kwargs) for p, o in requests]
+    for sequence, _ in pairs:
+        engine.submit(sequence)
+    for _, result in pairs:
+        assert result.done.wait(WAIT_S), "a sequence never finished"
+    return [r for _, r in pairs]
+
+
+def run_alone(engine: Engine, tokenizer, requests) -> list[list[int]]:
+    return [run_all(engine, tokenizer, [r])[0].tokens for r in requests]
+
+
+def assert_no_leaks(engine: Engine) -> None:
+    deadline = time.monotonic() + 10
+    while (engine.scheduler.has_work() or engine._incoming) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    manager = engine.block_manager
+    assert not engine.scheduler.has_work()
+    assert manager.num_free_blocks == manager.num_blocks
+    assert all(block.ref_count == 0 for block in manager.blocks)
+
+
+def mixed_requests(count: int, seed: int, vocab: int, longest: int = 300) -> list[tuple[list[int], SamplingOptions]]:
+    """Prompts of mixed lengths (some longer than a step's token budget), greedy and seeded sampling mixed."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.choice([1, 5, 17, 40, 90, 150, longest]))]
+        if i % 2 == 0:
+            options = SamplingOptions(max_tokens=rng.randint(4, 24), temperature=0.0, ignore_eos=True)
+        else:
+            options = SamplingOptions(
+                max_tokens=rng.randint(4, 24),
+                temperature=rng.choice([0.7, 1.0, 1.3]),
+                top_k=rng.choice([0, 50]),
+                top_p=rng.choice([1.0, 0.9]),
+                min_p=rng.choice([0.0, 0.05]),
+                repetition_penalty=rng.choice([1.0, 1.2]),
+                presence_penalty=rng.choice([0.0, 0.5]),
+                frequency_penalty=rng.choice([0.0, 0.3]),
+                seed=rng.randrange(1 << 30),
+                ignore_eos=True,
+            )
+        requests.append((prompt, options))
+    return requests
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tokenizer):
+    """32 mixed requests, each run alone on an engine without prefix caching: the tokens to match."""
+    engine = start_engine(model_dir, prefix_caching=False)
+    try:
+        requests = mixed_requests(32, seed=1, vocab=engine.runner.vocab_size)
+        return requests, run_alone(engine, tokenizer, requests)
+    finally:
+        engine.stop()
+
+
+def test_engine_matches_transformers_greedy(model_dir, tokenizer):
+    prompt = tokenizer.encode("The router picks a worker for each request")
+    engine = start_engine(model_dir)
+    try:
+        [result] = run_all(engine, tokenizer, [(prompt, SamplingOptions(max_tokens=20, temperature=0.0))])
+    finally:
+        engine.stop()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt) :]
+    assert result.tokens == expected.tolist()[: len(result.tokens)]
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param({"max_num_batched_tokens": 128}, id="concurrent-chunked"),
+        pytest.param({"num_blocks": 48, "max_num_batched_tokens": 256}, id="tiny-pool-preempts"),
+        pytest.param({"block_size": 8, "max_num_seqs": 7, "max_num_batched_tokens": 64}, id="small-blocks"),
+    ],
+)
+def test_concurrent_equals_alone(model_dir, tokenizer, reference, setup):
+    requests, expected = reference
+    engine = start_engine(model_dir, **setup)
+    try:
+        results = run_all(engine, tokenizer, requests)
+        assert_no_leaks(engine)
+    finally:
+        engine.stop()
+    for i, (result, tokens) in enumerate(zip(results, expected, strict=True)):
+        assert result.finish == Finish.LENGTH
+        assert result.tokens == tokens, f"request {i} differs from its run alone"
+    if "num_blocks" in setup:
+        assert engine.scheduler.preemptions > 0, "the tiny pool was meant to force preemption"
+
+
+def test_prefix_cache_hits_give_the_same_tokens(model_dir, tokenizer, reference):
+    """Requests sharing a long system prompt skip its prefill, and still produce the same tokens."""
+    requests, _ = reference
+    system = requests[6][0][:150] if len(requests[6][0]) >= 150 else list(range(10, 160))
+    shared = [(system + prompt[:20], options) for prompt, options in requests[:12]]
+    cold = start_engine(model_dir, prefix_caching=False)
+    try:
+        expected = run_alone(cold, tokenizer, shared)
+    finally:
+        cold.stop()
+    engine = start_engine(model_dir, max_num_batched_tokens=128)
+    try:
+        [first] = run_all(engine, tokenizer, shared[:1])
+        assert first.outputs[-1].cached_prompt_tokens == 0
+        results = run_all(engine, tokenizer, shared[1:])
+        assert_no_leaks(engine)
+    finally:
+        engine.stop()
+    assert [first.tokens] + [r.tokens for r in results] == expected
+    for result in results:
+        assert result.outputs[-1].cached_prompt_tokens >= 144  # nine full blocks of the system prompt
+    assert engine.block_manager.stats.hit_rate > 0.5
+    assert engine.load().prefix_cache_hit_rate == engine.block_manager.stats.hit_rate
+
+
+def test_higher_priority_preempts_running_lower_priority(model_dir, tokenizer):
+    engine = start_engine(model_dir, max_num_seqs=2)
+    long = SamplingOptions(max_tokens=200, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    try:
+        expected = run_alone(engine, tokenizer, [(p, long) for p in prompts])
+        low = [make_sequence(engine, tokenizer, p, long, priority=4) for p in prompts]
+        for sequence, _ in low:
+            engine.submit(sequence)
+        deadline = time.monotonic() + WAIT_S
+        while any(len(r.tokens) < 5 for _, r in low) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        [critical] = run_all(
+            engine, tokenizer, [([12, 13], SamplingOptions(max_tokens=5, temperature=0.0))], priority=1
+        )
+        assert critical.finish == Finish.LENGTH
+        # The critical request ran while both seats were held by low-priority ones: one of them made room.
+        assert any(not r.done.is_set() for _, r in low)
+        assert engine.scheduler.preemptions >= 1
+        for _, result in low:
+            assert result.done.wait(WAIT_S)
+        assert_no_leaks(engine)
+    finally:
+        engine.stop()
+    assert [r.tokens for _, r in low] == expected
+
+
+def test_same_priority_does_not_preempt(model_dir, tokenizer):
+    engine = start_engine(model_dir, max_num_seqs=1)
+    try:
+        first, first_result = make_sequence(engine, tokenizer, [5, 6], SamplingOptions(max_tokens=60, temperature=0))
+        engine.submit(first)
+        second, second_result = make_sequence(engine, tokenizer, [7, 8], SamplingOptions(max_tokens=2, temperature=0))
+        engine.submit(second)
+        assert second_result.done.wait(WAIT_S)
+        assert first_result.done.is_set(), "a request of the same priority jumped the queue"
+        assert engine.scheduler.preemptions == 0
+    finally:
+        engine.stop()
+
+
+def test_thousand_requests_leave_no_leaks(model_dir, tokenizer):
+    """Cancellations, failures, expired deadlines and preemptions: every block comes back."""
+    engine = start_engine(model_dir, num_blocks=16, max_num_seqs=16, max_num_batched_tokens=96)
+    rng = random.Random(7)
+    vocab = engine.runner.vocab_size
+    pairs = []
+    try:
+        for i in range(1000):
+            prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 60))]
+            options = SamplingOptions(max_tokens=rng.randint(1, 16), temperature=rng.choice([0.0, 1.0]), seed=i)
+            kind = i % 10
+            kwargs = {"priority": rng.randint(1, 5)}
+            if kind == 7:
+                kwargs["deadline"] = time.monotonic() - 1
+            sequence, result = make_sequence(engine, tokenizer, prompt, options, **kwargs)
+            if kind == 8:  # the consumer breaks: this sequence fails, the others go on
+                sequence.emit = _failing_emit(result)
+            engine.submit(sequence)
+            if kind == 9:
+                sequence.request_cancel()
+            pairs.append((kind, sequence, result))
+            if i % 50 == 49:
+                for _, _, r in pairs[-50:]:
+                    assert r.done.wait(WAIT_S)
+        for _, _, result in pairs:
+            assert result.done.wait(WAIT_S)
+        assert_no_leaks(engine)
+    finally:
+        engine.stop()
+    finishes = {kind: {r.finish for k, _, r in pairs if k == kind} for kind in range(10)}
+    assert finishes[7] == {Finish.CANCELLED}
+    assert finishes[8] == {Finish.ERROR}
+    assert finishes[9] <= {Finish.CANCELLED, Finish.LENGTH, Finish.STOP}
+    assert all(finishes[kind] <= {Finish.LENGTH, Finish.STOP} for kind in range(7))
+    assert engine.scheduler.preemptions > 0
+    load = engine.load()
+    assert load.sequences_finished + load.sequences_cancelled == 1000
+    assert load.free_kv_blocks == load.total_kv_blocks
+
+
+def _failing_emit(result: Result):
+    def emit(output: SequenceOutput) -> None:
+        if output.token_ids:
+            raise RuntimeError("consumer went away")
+        result.outputs.append(output)
+        result.done.set()
+
+    return emit
+
+
+def test_chunked_prefill_keeps_decoding_others(model_dir, tokenizer):
+    """While a long prompt is prefilled in chunks, a running sequence still gets a token every step."""
+    engine = Engine(ModelRunner(model_dir, num_blocks=128), max_num_seqs=4, max_num_batched_tokens=32)
+    running, running_result = make_sequence(engine, tokenizer, [5, 6, 7], SamplingOptions(max_tokens=40, temperature=0))
+    engine.scheduler.add(running)  # the loop is not started: steps are driven here
+    engine.step()
+    long, _ = make_sequence(engine, tokenizer, list(range(3, 303)), SamplingOptions(max_tokens=2, temperature=0))
+    engine.scheduler.add(long)
+    for _ in range(9):
+        before = len(running_result.tokens)
+        engine.step()
+        assert len(running_result.tokens) == before + 1
+    assert long.num_computed_tokens == 9 * 31
+    engine.stop()
+
+
+def test_expired_and_cancelled_sequences_leave_at_the_next_step(model_dir, tokenizer):
+    engine = start_engine(model_dir)
+    try:
+        sequence, result = make_sequence(
+            engine, tokenizer, [5, 6], SamplingOptions(max_tokens=1000, temperature=0, ignore_eos=True)
+        )
+        engine.submit(sequence)
+        deadline = time.monotonic() + WAIT_S
+        while len(result.tokens) < 3 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        sequence.request_cancel()
+        assert result.done.wait(10)
+        assert result.finish == Finish.CANCELLED
+        assert len(result.tokens) < 1000
+        timed, timed_result = make_sequence(
+            engine,
+            tokenizer,
+            [5, 6],
+            SamplingOptions(max_tokens=1000, temperature=0, ignore_eos=True),
+            deadline=time.monotonic() + 0.2,
+        )
+        engine.submit(timed)
+        assert timed_result.done.wait(10)
+        assert timed_result.finish == Finish.CANCELLED
+        assert_no_leaks(engine)
+    finally:
+        engine.stop()
+
+
+def test_logprobs_are_the_raw_distribution(model_dir, tokenizer):
+    prompt = tokenizer.encode("Tell me a story")
+    options = SamplingOptions(max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=3, repetition_penalty=1.5)
+    engine = start_engine(model_dir)
+    try:
+        [result] = run_all(engine, tokenizer, [(prompt, options)])
+    finally:
+        engine.stop()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    logprobs = [lp for output in result.outputs for lp in output.logprobs]
+    assert [lp.token_id for lp in logprobs] == result.tokens
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + result.tokens])).logits[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits, dim=-1)
+    for step, lp in enumerate(logprobs):
+        assert lp.logprob == pytest.approx(float(expected[step, lp.token_id]), abs=1e-4)
+        top = torch.topk(expected[step], 3)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)

@@ -1,0 +1,126 @@
+"""The engine's features as users see them over gRPC: logprobs, cached prompt tokens, load streams, limits."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from meshserve.errors import bad_request_fields
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+
+def test_logprobs_and_top_alternatives_reach_the_caller(mesh):
+    stub = inference_pb2_grpc.InferenceStub(mesh.channel(mesh.gateway))
+    sampling = common_pb2.SamplingParams(max_tokens=5, temperature=0.0, logprobs=True, top_logprobs=3)
+    request = inference_pb2.GenerateRequest(prompt="Tell me a story", sampling=sampling)
+    [completion] = stub.Generate(request, timeout=60).completions
+    assert [lp.token_id for lp in completion.logprobs] == list(completion.token_ids)
+    for lp in completion.logprobs:
+        assert len(lp.top_logprobs) == 3
+        assert lp.top_logprobs[0].token_id == lp.token_id  # greedy picks the most likely
+        assert lp.logprob == pytest.approx(lp.top_logprobs[0].logprob)
+        assert lp.logprob <= 0
+    streamed = [lp for c in stub.GenerateStream(request, timeout=60) for lp in c.logprobs]
+    assert [lp.token_id for lp in streamed] == list(completion.token_ids)
+
+
+def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(mesh):
+    stub = inference_pb2_grpc.InferenceStub(mesh.channel(mesh.gateway))
+    system = "You are a careful assistant for the mesh. " * 12
+    sampling = common_pb2.SamplingParams(max_tokens=3, temperature=0.0)
+    first = stub.Generate(
+        inference_pb2.GenerateRequest(prompt=system + "First question?", sampling=sampling), timeout=60
+    )
+    second = stub.Generate(inference_pb2.GenerateRequest(prompt=system + "Another one?", sampling=sampling), timeout=60)
+    assert second.usage.cached_prompt_tokens >= 32
+    assert second.usage.cached_prompt_tokens < second.usage.prompt_tokens
+    assert first.usage.cached_prompt_tokens < second.usage.cached_prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        ({"min_p": 1.5}, "sampling.min_p"),
+        ({"repetition_penalty": 0.0}, "sampling.repetition_penalty"),
+        ({"presence_penalty": 3.0}, "sampling.presence_penalty"),
+        ({"frequency_penalty": -2.5}, "sampling.frequency_penalty"),
+        ({"logprobs": True, "top_logprobs": 21}, "sampling.top_logprobs"),
+        ({"top_logprobs": 2}, "sampling.top_logprobs"),
+    ],
+)
+def test_bad_sampling_fields_are_invalid_argument(mesh, sampling, field):
+    stub = inference_pb2_grpc.InferenceStub(mesh.channel(mesh.gateway))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(inference_pb2.GenerateRequest(prompt="hi", sampling=sampling), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in bad_request_fields(caught.value)
+
+
+def test_watch_load_streams_reports_while_work_runs(mesh):
+    worker = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
+    inference = inference_pb2_grpc.InferenceStub(mesh.channel(mesh.gateway))
+    reports: list[worker_pb2.LoadReport] = []
+    watch = worker.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=10), timeout=60)
+
+    def generate() -> None:
+        sampling = common_pb2.SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+        inference.Generate(inference_pb2.GenerateRequest(prompt="hello", sampling=sampling, n=3), timeout=60)
+
+    thread = threading.Thread(target=generate)
+    for report in watch:
+        reports.append(report)
+        if len(reports) == 1:
+            thread.start()
+        if (not thread.is_alive() and report.running_sequences == 0) or len(reports) > 500:
+            break
+    watch.cancel()
+    thread.join(60)
+    first = reports[0]
+    assert first.total_kv_blocks > 0 and first.kv_block_size == 16 and first.max_num_seqs == 8
+    assert max(r.running_sequences for r in reports) >= 1
+    assert min(r.free_kv_blocks for r in reports) < first.total_kv_blocks
+    assert reports[-1].free_kv_blocks == first.total_kv_blocks
+    assert reports[-1].generated_tokens >= first.generated_tokens + 180
+    assert max(r.tokens_per_second for r in reports) > 0
+    assert not any(r.draining for r in reports)
+
+
+def test_watch_load_rejects_a_too_short_interval(mesh):
+    worker = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
+    with pytest.raises(grpc.RpcError) as caught:
+        next(iter(worker.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=1), timeout=10)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def small_worker(loop_thread):
+    """A worker whose KV pool holds 256 tokens (16 blocks of 16)."""
+    from meshserve.config import WorkerConfig
+    from meshserve.worker.server import start_worker
+
+    server = loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, threads=1, kv_cache_memory="1MiB")))
+    yield server
+    loop_thread.run(server.stop(0))
+
+
+def test_prompt_beyond_the_kv_pool_is_resource_exhausted(small_worker):
+    from meshserve.channels import sync_channel
+
+    stub = worker_pb2_grpc.WorkerStub(sync_channel(small_worker.address))
+    load = stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)
+    capacity = load.total_kv_blocks * load.kv_block_size
+    assert capacity == 256
+    too_long = common_pb2.TokenRequest(
+        prompt_token_ids=[5] * 250, sampling=common_pb2.SamplingParams(max_tokens=10, temperature=0.0)
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(too_long, timeout=10))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "256" in caught.value.details() and "--kv-cache-memory" in caught.value.details()
+    fits = common_pb2.TokenRequest(
+        prompt_token_ids=[5] * 240, sampling=common_pb2.SamplingParams(max_tokens=16, temperature=0.0)
+    )
+    chunks = list(stub.Generate(fits, timeout=60))
+    assert chunks[-1].finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)

@@ -21,7 +21,11 @@ ATTENTION_NAME = "meshserve_paged"
 
 @dataclass
 class KVPool:
-    """Keys and values of every layer: [num_blocks, block_size, kv_heads, head_dim] each, allocated once."""
+    """Keys and values of every layer: [kv_heads, num_blocks, block_size, head_dim] each, allocated once.
+
+    Heads lead so that gathering a batch's blocks yields [kv_heads, batch, tokens, head_dim]
+    ready for batched matmuls, with no copy to re-lay it out.
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -30,7 +34,7 @@ class KVPool:
     def allocate(
         cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device
     ) -> KVPool:
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        shape = (kv_heads, num_blocks, block_size, head_dim)
         return cls(
             keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
             values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
@@ -80,13 +84,11 @@ def paged_attention_forward(
         raise RuntimeError(f"the {ATTENTION_NAME} attention runs only inside the meshserve engine")
     layer = module.layer_idx
     key_pool, value_pool = paged.pool.keys[layer], paged.pool.values[layer]
-    kv_heads, head_dim = key_pool.shape[2:]
+    kv_heads, head_dim = key_pool.shape[0], key_pool.shape[3]
     scale = scaling if scaling is not None else head_dim**-0.5
 
-    key_pool.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, key[0].transpose(0, 1).to(key_pool.dtype))
-    value_pool.view(-1, kv_heads, head_dim).index_copy_(
-        0, paged.slot_mapping, value[0].transpose(0, 1).to(value_pool.dtype)
-    )
+    key_pool.view(kv_heads, -1, head_dim).index_copy_(1, paged.slot_mapping, key[0].to(key_pool.dtype))
+    value_pool.view(kv_heads, -1, head_dim).index_copy_(1, paged.slot_mapping, value[0].to(value_pool.dtype))
 
     queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
     out = torch.empty_like(queries)
@@ -107,11 +109,10 @@ def paged_attention_forward(
 
 
 def _gather(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[batch, blocks] -> [batch, kv_heads, blocks * block_size, head_dim]."""
+    """[batch, blocks] -> [kv_heads, batch, blocks * block_size, head_dim]."""
     batch, blocks = block_tables.shape
-    _, block_size, kv_heads, head_dim = pool.shape
-    gathered = pool.index_select(0, block_tables.reshape(-1)).view(batch, blocks * block_size, kv_heads, head_dim)
-    return gathered.transpose(1, 2)
+    kv_heads, _, block_size, head_dim = pool.shape
+    return pool.index_select(1, block_tables.reshape(-1)).view(kv_heads, batch, blocks * block_size, head_dim)
 
 
 def _decode_attention(
@@ -124,18 +125,19 @@ def _decode_attention(
     sliding_window: int | None,
 ) -> torch.Tensor:
     batch, heads, head_dim = queries.shape
-    kv_heads = key_pool.shape[2]
-    keys, values = _gather(key_pool, block_tables), _gather(value_pool, block_tables)
-    # Grouped-query attention without copying keys: [batch, kv_heads, group, head_dim].
-    q = queries.view(batch, kv_heads, heads // kv_heads, head_dim).to(keys.dtype)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [batch, kv_heads, group, L]
+    kv_heads = key_pool.shape[0]
+    keys, values = _gather(key_pool, block_tables), _gather(value_pool, block_tables)  # [kv_heads, batch, L, dim]
+    # Grouped-query attention without repeating keys: queries as [kv_heads, batch, group, head_dim].
+    q = queries.view(batch, kv_heads, heads // kv_heads, head_dim).transpose(0, 1).to(keys.dtype)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [kv_heads, batch, group, L]
     positions = torch.arange(keys.shape[2], device=keys.device)
     visible = positions[None, :] < context_lens[:, None]
     if sliding_window is not None:
         visible &= positions[None, :] >= (context_lens[:, None] - sliding_window)
-    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    scores.masked_fill_(~visible[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).view(batch, heads, head_dim).to(queries.dtype)
+    out = torch.matmul(probs, values)  # [kv_heads, batch, group, head_dim]
+    return out.transpose(0, 1).reshape(batch, heads, head_dim).to(queries.dtype)
 
 
 def _prompt_attention(
@@ -147,11 +149,11 @@ def _prompt_attention(
     sliding_window: int | None,
 ) -> torch.Tensor:
     length, heads, head_dim = queries.shape
-    kv_heads = key_pool.shape[2]
+    kv_heads = key_pool.shape[0]
     context = span.start + span.length
     tables = span.block_table.unsqueeze(0)
-    keys = _gather(key_pool, tables)[0, :, :context]  # [kv_heads, context, head_dim]
-    values = _gather(value_pool, tables)[0, :, :context]
+    keys = _gather(key_pool, tables)[:, 0, :context]  # [kv_heads, context, head_dim]
+    values = _gather(value_pool, tables)[:, 0, :context]
     q = queries.transpose(0, 1).reshape(kv_heads, heads // kv_heads * length, head_dim).to(keys.dtype)
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [kv_heads, group * length, context]
     scores = scores.view(kv_heads, heads // kv_heads, length, context)

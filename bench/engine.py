@@ -1,0 +1,214 @@
+"""The worker engine against a naive server (one `transformers` generate() per request), in one run.
+
+    python bench/engine.py [--concurrency 1,4,16,32] [--max-tokens 64] [--threads 1]
+
+For each concurrency both serve that many requests at once (different prompts of 20-60
+tokens, greedy, ignore_eos so every request yields max_tokens) and the script prints output
+tokens/s, mean and worst time to first token, and the engine's ratio to the baseline.
+The naive server runs each request's generate() on its own thread, as a thread-per-request
+server would. Both use the same number of torch threads. Finally it profiles one decode step
+of the engine at batch 16: where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+from meshserve.tokenizer import ModelTokenizer
+from meshserve.worker.builtin_model import ensure_builtin_model
+from meshserve.worker.engine import Engine
+from meshserve.worker.model_runner import ModelRunner
+from meshserve.worker.sampler import sample
+from meshserve.worker.sequence import SamplingOptions, Sequence, SequenceOutput
+
+
+@dataclass
+class Run:
+    tokens_per_second: float
+    ttft_mean: float
+    ttft_max: float
+
+
+def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(20, 60))] for _ in range(count)]
+
+
+def run_engine(engine: Engine, tokenizer: ModelTokenizer, batch: list[list[int]], max_tokens: int) -> Run:
+    options = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    done = threading.Semaphore(0)
+    first_token: dict[int, float] = {}
+    counts = [0] * len(batch)
+
+    def emitter(i: int):
+        def emit(output: SequenceOutput) -> None:
+            first_token.setdefault(i, time.perf_counter())
+            counts[i] += len(output.token_ids)
+            if output.finish is not None:
+                done.release()
+
+        return emit
+
+    start = time.perf_counter()
+    for i, prompt in enumerate(batch):
+        engine.submit(
+            Sequence(
+                request_id=str(i),
+                prompt_ids=prompt,
+                options=options,
+                detokenizer=tokenizer.detokenizer(prompt),
+                eos_token_ids=engine.runner.eos_token_ids,
+                max_context_length=engine.runner.max_context_length,
+                emit=emitter(i),
+            )
+        )
+    for _ in batch:
+        if not done.acquire(timeout=600):
+            raise SystemExit("the engine did not finish within 10 minutes")
+    elapsed = time.perf_counter() - start
+    ttfts = [first_token[i] - start for i in range(len(batch))]
+    return Run(sum(counts) / elapsed, statistics.mean(ttfts), max(ttfts))
+
+
+class FirstTokenTimer(BaseStreamer):
+    """generate() calls put() with the prompt first, then with each new token."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run_naive(model, batch: list[list[int]], max_tokens: int) -> Run:
+    timers = [FirstTokenTimer() for _ in batch]
+    counts = [0] * len(batch)
+
+    def serve(i: int) -> None:
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([batch[i]]),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                streamer=timers[i],
+                pad_token_id=0,
+            )
+        counts[i] = out.shape[1] - len(batch[i])
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(batch))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    ttfts = [t.first_token_at - start for t in timers]
+    return Run(sum(counts) / elapsed, statistics.mean(ttfts), max(ttfts))
+
+
+def profile_decode_step(engine: Engine, tokenizer: ModelTokenizer, batch: list[list[int]]) -> None:
+    """Drives the scheduler by hand to a batch of decodes, then times each part of one step."""
+    options = SamplingOptions(max_tokens=1000, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(batch):
+        engine.scheduler.add(
+            Sequence(
+                request_id=f"p{i}",
+                prompt_ids=prompt,
+                options=options,
+                detokenizer=tokenizer.detokenizer(prompt),
+                eos_token_ids=engine.runner.eos_token_ids,
+                max_context_length=engine.runner.max_context_length,
+                emit=lambda output: None,
+            )
+        )
+    while any(s.num_computed_tokens < len(s.prompt_ids) for s in engine.scheduler.running + engine.scheduler.waiting):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    parts = {"schedule": 0.0, "model forward": 0.0, "sample": 0.0, "tokens out (detokenise, stop checks)": 0.0}
+    steps = 50
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        chunks = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        logits = engine.runner.run(chunks)
+        t2 = time.perf_counter()
+        engine.scheduler.update(chunks)
+        sequences = [c.sequence for c in chunks]
+        tokens, logprobs = sample(logits, sequences)
+        t3 = time.perf_counter()
+        for sequence, token, logprob in zip(sequences, tokens, logprobs, strict=True):
+            sequence.append_token(token, logprob)
+        t4 = time.perf_counter()
+        for key, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            parts[key] += seconds
+    total = sum(parts.values())
+    print(f"\none decode step at batch {len(batch)}: {total / steps * 1000:.2f} ms")
+    for key, seconds in parts.items():
+        print(f"  {key:40s} {seconds / steps * 1000:6.2f} ms  {seconds / total:5.1%}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            engine.runner.run(engine.scheduler.schedule())
+    print("\ninside the model forward (torch ops, self time, 10 steps):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    for sequence in list(engine.scheduler.running):
+        engine.scheduler.remove(sequence)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for both")
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    model_dir = ensure_builtin_model()
+    tokenizer = ModelTokenizer.from_dir(model_dir)
+    runner = ModelRunner(model_dir, kv_cache_memory="256MiB")
+    engine = Engine(runner, max_num_seqs=max(levels), max_num_batched_tokens=512)
+    engine.start()
+    naive = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    vocab = runner.vocab_size
+
+    run_engine(engine, tokenizer, prompts(4, vocab, seed=99), 8)  # warm-up
+    run_naive(naive, prompts(1, vocab, seed=99), 8)
+    print(f"built-in model, {args.max_tokens} output tokens per request, {args.threads} torch thread(s)\n")
+    header = f"{'concurrent':>10} | {'engine tok/s':>12} {'TTFT mean/max s':>16} | {'naive tok/s':>11} "
+    print(header + f"{'TTFT mean/max s':>16} | {'ratio':>6}")
+    for level in levels:
+        # Prompts differ per level so the prefix cache cannot help the engine.
+        batch = prompts(level, vocab, seed=level)
+        ours = run_engine(engine, tokenizer, batch, args.max_tokens)
+        theirs = run_naive(naive, batch, args.max_tokens)
+        print(
+            f"{level:>10} | {ours.tokens_per_second:>12.0f} {ours.ttft_mean:>7.3f}/{ours.ttft_max:<8.3f} | "
+            f"{theirs.tokens_per_second:>11.0f} {theirs.ttft_mean:>7.3f}/{theirs.ttft_max:<8.3f} | "
+            f"{ours.tokens_per_second / theirs.tokens_per_second:>5.1f}x",
+            flush=True,
+        )
+    engine.stop()
+    if not args.no_profile:
+        profile_decode_step(engine, tokenizer, prompts(16, vocab, seed=123))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,16 @@ FINISH_NAMES = {
 
 
 def build_request(args: argparse.Namespace) -> inference_pb2.GenerateRequest:
-    sampling = common_pb2.SamplingParams(top_k=args.top_k, stop=args.stop)
+    sampling = common_pb2.SamplingParams(
+        top_k=args.top_k,
+        stop=args.stop,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        ignore_eos=args.ignore_eos,
+    )
+    if args.repetition_penalty is not None:
+        sampling.repetition_penalty = args.repetition_penalty
     if args.max_tokens is not None:
         sampling.max_tokens = args.max_tokens
     if args.temperature is not None:

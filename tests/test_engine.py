@@ -341,3 +341,27 @@ def test_logprobs_are_the_raw_distribution(model_dir, tokenizer):
         top = torch.topk(expected[step], 3)
         assert [t for t, _ in lp.top] == top.indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_gpt2_family_runs_on_the_same_engine(tmp_path, tokenizer):
+    """Learned positions, no GQA, fused qkv: the engine only needs the attention interface."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=256, bos_token_id=1, eos_token_id=1)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    engine = start_engine(tmp_path, num_blocks=64)
+    requests = mixed_requests(8, seed=3, vocab=300, longest=120)
+    try:
+        alone = run_alone(engine, tokenizer, requests)
+        together = [r.tokens for r in run_all(engine, tokenizer, requests)]
+        assert_no_leaks(engine)
+    finally:
+        engine.stop()
+    assert together == alone
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt, options = requests[0]
+    expected = model.generate(
+        torch.tensor([prompt]), max_new_tokens=options.max_tokens, do_sample=False, min_new_tokens=options.max_tokens
+    )
+    assert alone[0] == expected[0, len(prompt) :].tolist()

@@ -28,7 +28,7 @@ from meshserve.worker.builtin_model import ensure_builtin_model
 from meshserve.worker.engine import Engine
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sampler import sample
-from meshserve.worker.sequence import SamplingOptions, Sequence, SequenceOutput
+from meshserve.worker.sequence import SamplingOptions, SequenceOutput
 
 
 @dataclass
@@ -43,7 +43,7 @@ def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(20, 60))] for _ in range(count)]
 
 
-def run_engine(engine: Engine, tokenizer: ModelTokenizer, batch: list[list[int]], max_tokens: int) -> Run:
+def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> Run:
     options = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     done = threading.Semaphore(0)
     first_token: dict[int, float] = {}
@@ -60,17 +60,7 @@ def run_engine(engine: Engine, tokenizer: ModelTokenizer, batch: list[list[int]]
 
     start = time.perf_counter()
     for i, prompt in enumerate(batch):
-        engine.submit(
-            Sequence(
-                request_id=str(i),
-                prompt_ids=prompt,
-                options=options,
-                detokenizer=tokenizer.detokenizer(prompt),
-                eos_token_ids=engine.runner.eos_token_ids,
-                max_context_length=engine.runner.max_context_length,
-                emit=emitter(i),
-            )
-        )
+        engine.submit(engine.new_sequence(str(i), prompt, options, emitter(i)))
     for _ in batch:
         if not done.acquire(timeout=600):
             raise SystemExit("the engine did not finish within 10 minutes")
@@ -122,21 +112,11 @@ def run_naive(model, batch: list[list[int]], max_tokens: int) -> Run:
     return Run(sum(counts) / elapsed, statistics.mean(ttfts), max(ttfts))
 
 
-def profile_decode_step(engine: Engine, tokenizer: ModelTokenizer, batch: list[list[int]]) -> None:
+def profile_decode_step(engine: Engine, batch: list[list[int]]) -> None:
     """Drives the scheduler by hand to a batch of decodes, then times each part of one step."""
     options = SamplingOptions(max_tokens=1000, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(batch):
-        engine.scheduler.add(
-            Sequence(
-                request_id=f"p{i}",
-                prompt_ids=prompt,
-                options=options,
-                detokenizer=tokenizer.detokenizer(prompt),
-                eos_token_ids=engine.runner.eos_token_ids,
-                max_context_length=engine.runner.max_context_length,
-                emit=lambda output: None,
-            )
-        )
+        engine.scheduler.add(engine.new_sequence(f"p{i}", prompt, options, lambda output: None))
     while any(s.num_computed_tokens < len(s.prompt_ids) for s in engine.scheduler.running + engine.scheduler.waiting):
         engine.step()
     for _ in range(5):
@@ -184,12 +164,12 @@ def main() -> None:
     model_dir = ensure_builtin_model()
     tokenizer = ModelTokenizer.from_dir(model_dir)
     runner = ModelRunner(model_dir, kv_cache_memory="256MiB")
-    engine = Engine(runner, max_num_seqs=max(levels), max_num_batched_tokens=512)
+    engine = Engine(runner, tokenizer, max_num_seqs=max(levels), max_num_batched_tokens=512)
     engine.start()
     naive = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     vocab = runner.vocab_size
 
-    run_engine(engine, tokenizer, prompts(4, vocab, seed=99), 8)  # warm-up
+    run_engine(engine, prompts(4, vocab, seed=99), 8)  # warm-up
     run_naive(naive, prompts(1, vocab, seed=99), 8)
     print(f"built-in model, {args.max_tokens} output tokens per request, {args.threads} torch thread(s)\n")
     header = f"{'concurrent':>10} | {'engine tok/s':>12} {'TTFT mean/max s':>16} | {'naive tok/s':>11} "
@@ -197,7 +177,7 @@ def main() -> None:
     for level in levels:
         # Prompts differ per level so the prefix cache cannot help the engine.
         batch = prompts(level, vocab, seed=level)
-        ours = run_engine(engine, tokenizer, batch, args.max_tokens)
+        ours = run_engine(engine, batch, args.max_tokens)
         theirs = run_naive(naive, batch, args.max_tokens)
         print(
             f"{level:>10} | {ours.tokens_per_second:>12.0f} {ours.ttft_mean:>7.3f}/{ours.ttft_max:<8.3f} | "
@@ -207,7 +187,7 @@ def main() -> None:
         )
     engine.stop()
     if not args.no_profile:
-        profile_decode_step(engine, tokenizer, prompts(16, vocab, seed=123))
+        profile_decode_step(engine, prompts(16, vocab, seed=123))
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ def tokenizer(model_dir) -> ModelTokenizer:
     return ModelTokenizer.from_dir(model_dir)
 
 
-def start_engine(model_dir, num_blocks: int = 512, max_num_seqs: int = 32, **kwargs) -> Engine:
+def start_engine(model_dir, num_blocks: int = 512, max_num_seqs: int = 32, tokenizer=None, **kwargs) -> Engine:
     runner = ModelRunner(model_dir, num_blocks=num_blocks, block_size=kwargs.pop("block_size", 16))
-    engine = Engine(runner, max_num_seqs, **kwargs)
+    engine = Engine(runner, tokenizer or ModelTokenizer.from_dir(model_dir), max_num_seqs, **kwargs)
     engine.start()
     return engine
 
@@ -53,16 +53,7 @@ def make_sequence(
         if output.finish is not None:
             result.done.set()
 
-    sequence = Sequence(
-        request_id=f"r{random.random()}",
-        prompt_ids=prompt,
-        options=options,
-        detokenizer=tokenizer.detokenizer(prompt),
-        eos_token_ids=engine.runner.eos_token_ids,
-        max_context_length=engine.runner.max_context_length,
-        emit=kwargs.pop("emit", emit),
-        **kwargs,
-    )
+    sequence = engine.new_sequence(f"r{random.random()}", prompt, options, kwargs.pop("emit", emit), **kwargs)
     return sequence, result
 
 
@@ -279,7 +270,7 @@ def _failing_emit(result: Result):
 
 def test_chunked_prefill_keeps_decoding_others(model_dir, tokenizer):
     """While a long prompt is prefilled in chunks, a running sequence still gets a token every step."""
-    engine = Engine(ModelRunner(model_dir, num_blocks=128), max_num_seqs=4, max_num_batched_tokens=32)
+    engine = Engine(ModelRunner(model_dir, num_blocks=128), tokenizer, max_num_seqs=4, max_num_batched_tokens=32)
     running, running_result = make_sequence(engine, tokenizer, [5, 6, 7], SamplingOptions(max_tokens=40, temperature=0))
     engine.scheduler.add(running)  # the loop is not started: steps are driven here
     engine.step()
@@ -350,7 +341,7 @@ def test_gpt2_family_runs_on_the_same_engine(tmp_path, tokenizer):
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=256, bos_token_id=1, eos_token_id=1)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    engine = start_engine(tmp_path, num_blocks=64)
+    engine = start_engine(tmp_path, num_blocks=64, tokenizer=tokenizer)
     requests = mixed_requests(8, seed=3, vocab=300, longest=120)
     try:
         alone = run_alone(engine, tokenizer, requests)

@@ -13,15 +13,18 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from meshserve.tokenizer import ModelTokenizer
 from meshserve.worker.block_manager import BlockManager
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sampler import sample
 from meshserve.worker.scheduler import ScheduledChunk, Scheduler
-from meshserve.worker.sequence import Finish, Sequence
+from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,15 @@ class EngineLoad:
 
 class Engine:
     def __init__(
-        self, runner: ModelRunner, max_num_seqs: int, max_num_batched_tokens: int = 512, prefix_caching: bool = True
+        self,
+        runner: ModelRunner,
+        tokenizer: ModelTokenizer,
+        max_num_seqs: int,
+        max_num_batched_tokens: int = 512,
+        prefix_caching: bool = True,
     ) -> None:
         self.runner = runner
+        self.tokenizer = tokenizer
         self.block_manager = BlockManager(runner.kv.num_blocks, runner.kv.block_size, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self._incoming: collections.deque[Sequence] = collections.deque()
@@ -86,6 +95,26 @@ class Engine:
     def start_draining(self) -> None:
         """Reported in the load from now on, so schedulers send nothing new; running sequences go on."""
         self.draining = True
+
+    def new_sequence(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        options: SamplingOptions,
+        emit: Callable[[SequenceOutput], None],
+        **kwargs: Any,
+    ) -> Sequence:
+        """A sequence for this engine's model (eos ids, context, detokeniser); kwargs: priority, deadline."""
+        return Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            options=options,
+            detokenizer=self.tokenizer.detokenizer(prompt_ids),
+            eos_token_ids=self.runner.eos_token_ids,
+            max_context_length=self.runner.max_context_length,
+            emit=emit,
+            **kwargs,
+        )
 
     def submit(self, sequence: Sequence) -> None:
         with self._wake:

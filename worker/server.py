@@ -21,7 +21,7 @@ from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from meshserve.worker.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
 from meshserve.worker.engine import Engine, set_threads
 from meshserve.worker.model_runner import ModelRunner
-from meshserve.worker.sequence import NORMAL_PRIORITY, Finish, SamplingOptions, Sequence, SequenceOutput, TokenLogprob
+from meshserve.worker.sequence import NORMAL_PRIORITY, Finish, SamplingOptions, SequenceOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,11 @@ class LoadedModel:
         )
         self.tokenizer = ModelTokenizer.from_dir(model_dir)
         self.engine = Engine(
-            self.runner, config.max_num_seqs, config.max_num_batched_tokens, prefix_caching=config.prefix_caching
+            self.runner,
+            self.tokenizer,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            prefix_caching=config.prefix_caching,
         )
         self.info = common_pb2.ModelInfo(
             name=name,
@@ -75,13 +79,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         outputs: asyncio.Queue[SequenceOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
-        sequence = Sequence(
-            request_id=request.request_id,
-            prompt_ids=list(request.prompt_token_ids),
-            options=options,
-            detokenizer=model.tokenizer.detokenizer(request.prompt_token_ids),
-            eos_token_ids=model.runner.eos_token_ids,
-            max_context_length=model.runner.max_context_length,
+        sequence = model.engine.new_sequence(
+            request.request_id,
+            list(request.prompt_token_ids),
+            options,
             emit=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
             priority=request.priority or NORMAL_PRIORITY,
             deadline=time.monotonic() + remaining if remaining is not None else None,

@@ -356,3 +356,24 @@ def test_gpt2_family_runs_on_the_same_engine(tmp_path, tokenizer):
         torch.tensor([prompt]), max_new_tokens=options.max_tokens, do_sample=False, min_new_tokens=options.max_tokens
     )
     assert alone[0] == expected[0, len(prompt) :].tolist()
+
+
+def test_a_sequence_that_breaks_the_model_step_fails_alone(model_dir, tokenizer, reference):
+    """An id past the embedding table (as if validation were bypassed) fails its sequence, not the batch."""
+    requests, expected = reference
+    engine = start_engine(model_dir)
+    try:
+        good = [make_sequence(engine, tokenizer, p, o) for p, o in requests[:6]]
+        bad, bad_result = make_sequence(
+            engine, tokenizer, [5, engine.runner.vocab_size + 5, 6], SamplingOptions(max_tokens=4, temperature=0)
+        )
+        bad.detokenizer = tokenizer.detokenizer([5])
+        for sequence, _ in [*good[:3], (bad, bad_result), *good[3:]]:
+            engine.submit(sequence)
+        for _, result in [*good, (bad, bad_result)]:
+            assert result.done.wait(WAIT_S)
+        assert_no_leaks(engine)
+    finally:
+        engine.stop()
+    assert bad_result.finish == Finish.ERROR and "IndexError" in bad_result.outputs[-1].error
+    assert [r.tokens for _, r in good] == expected[:6]

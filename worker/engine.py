@@ -165,9 +165,14 @@ class Engine:
         try:
             logits = self.runner.run(chunks)
         except Exception as exc:
-            log.exception("a model step over %d sequences failed", len(chunks))
-            for chunk in chunks:
-                self._end(chunk.sequence, Finish.ERROR, f"the worker failed: {type(exc).__name__}: {exc}")
+            if len(chunks) > 1:
+                # Find the culprit: each chunk again on its own (rewriting the same KV slots is harmless).
+                log.warning("a model step over %d sequences failed (%s); running them one by one", len(chunks), exc)
+                for chunk in chunks:
+                    self._run([chunk])
+                return
+            log.exception("the model failed on sequence %s", chunks[0].sequence.request_id)
+            self._end(chunks[0].sequence, Finish.ERROR, f"the worker failed: {type(exc).__name__}: {exc}")
             return
         self.scheduler.update(chunks)
         sampling = [chunk.sequence for chunk in chunks if chunk.samples]

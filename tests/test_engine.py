@@ -377,3 +377,14 @@ def test_a_sequence_that_breaks_the_model_step_fails_alone(model_dir, tokenizer,
         engine.stop()
     assert bad_result.finish == Finish.ERROR and "IndexError" in bad_result.outputs[-1].error
     assert [r.tokens for _, r in good] == expected[:6]
+
+
+def test_a_sequence_larger_than_the_pool_fails_instead_of_waiting_forever(model_dir, tokenizer):
+    engine = start_engine(model_dir, num_blocks=4)
+    try:
+        [result] = run_all(engine, tokenizer, [(list(range(5, 105)), SamplingOptions(max_tokens=2))])
+        [fits] = run_all(engine, tokenizer, [(list(range(5, 40)), SamplingOptions(max_tokens=2))])
+    finally:
+        engine.stop()
+    assert result.finish == Finish.ERROR and "the pool has 4" in result.outputs[-1].error
+    assert fits.finish in (Finish.LENGTH, Finish.STOP)

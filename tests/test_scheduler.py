@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from meshserve.worker.block_manager import BlockManager
@@ -114,3 +115,18 @@ def test_min_p_top_k_and_top_p_only_draw_allowed_tokens():
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.5) == {0}
     assert draws(temperature=0.01) == {0}
+
+
+def test_kv_cache_memory_settings():
+    from meshserve.worker.model_runner import CPU_AUTO_KV_CAP, kv_cache_bytes
+
+    cpu = torch.device("cpu")
+    assert kv_cache_bytes("512MiB", cpu) == 512 << 20
+    assert kv_cache_bytes("2GB", cpu) == 2_000_000_000
+    assert kv_cache_bytes("1.5KiB", cpu) == 1536
+    assert kv_cache_bytes("65536", cpu) == 65536
+    assert 0 < kv_cache_bytes("0.01", cpu) < kv_cache_bytes("0.02", cpu)
+    assert 0 < kv_cache_bytes("auto", cpu) <= CPU_AUTO_KV_CAP
+    for bad in ("", "lots", "-1", "0", "12XB", "MiB"):
+        with pytest.raises(ValueError, match="kv_cache_memory"):
+            kv_cache_bytes(bad, cpu)

@@ -158,6 +158,11 @@ class Engine:
         chunks = self.scheduler.schedule()
         if chunks:
             self._run(chunks)
+        elif self.scheduler.waiting and not self.scheduler.running:
+            # Nothing runs, so the whole pool was free and the first in line still did not fit: it never will.
+            sequence = self.scheduler.waiting[0]
+            needed = self.block_manager.blocks_needed(sequence.num_tokens)
+            self._end(sequence, Finish.ERROR, f"needs {needed} KV blocks; the pool has {self.block_manager.num_blocks}")
         self.steps += 1
         self._publish_load()
 

@@ -15,6 +15,9 @@ import pytest
 
 T = TypeVar("T")
 
+# Triton kernels run on CPU tensors through its interpreter; it must be chosen before triton is imported.
+os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

@@ -67,6 +67,7 @@ class WorkerConfig(ServerConfig):
         ),
     )
     threads: int = field(default=0, metadata=_help("torch CPU threads (0: half the cores, at least 1)"))
+    kernels: str = field(default="auto", metadata=_help("auto (Triton on CUDA, PyTorch elsewhere), triton or torch"))
     dtype: str = field(default="float32", metadata=_help("float32, bfloat16 or float16"))
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from meshserve.worker.paged_attention import ATTENTION_NAME, KVPool, PagedBatch, PromptSpan
+from meshserve.worker.kernels import load_kernels
+from meshserve.worker.paged_attention import ATTENTION_NAME, KVPool, PagedBatch
 from meshserve.worker.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class ModelRunner:
         kv_cache_memory: str = "auto",
         num_blocks: int | None = None,
         device: str = "auto",
+        kernels: str = "auto",
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -54,11 +56,16 @@ class ModelRunner:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.kernels = load_kernels(kernels, self.device)
+        if self.kernels.__name__.endswith("triton_ops") and (block_size < 16 or block_size & (block_size - 1)):
+            raise ValueError(f"the Triton kernels need a block_size that is a power of two >= 16, not {block_size}")
         config = AutoConfig.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=DTYPES[dtype], attn_implementation=ATTENTION_NAME
         ).to(self.device)
         self.model.eval()
+        if self.kernels.__name__.endswith("triton_ops"):
+            _use_kernel_rms_norms(self.model, self.kernels)
         self.vocab_size: int = config.vocab_size
         self.max_context_length: int = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", 2048
@@ -101,7 +108,10 @@ class ModelRunner:
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prompts: list[PromptSpan] = []
+        prompt_rows: list[int] = []
+        prompt_lens: list[int] = []
+        prompt_starts: list[int] = []
+        prompt_tables: list[list[int]] = []
         sample_rows: list[int] = []
         for chunk in chunks:
             sequence, first_row = chunk.sequence, len(input_ids)
@@ -116,20 +126,26 @@ class ModelRunner:
                 decode_tables.append(table[: -(-context // block_size)])
                 decode_lens.append(context)
             else:
-                blocks = torch.tensor(table[: -(-context // block_size)], dtype=torch.long, device=self.device)
-                prompts.append(PromptSpan(first_row, chunk.length, chunk.start, blocks))
+                prompt_rows.append(first_row)
+                prompt_lens.append(chunk.length)
+                prompt_starts.append(chunk.start)
+                prompt_tables.append(table[: -(-context // block_size)])
             if chunk.samples:
                 sample_rows.append(len(input_ids) - 1)
-        widest = max((len(t) for t in decode_tables), default=0)
         paged = PagedBatch(
             pool=self.pool,
+            kernels=self.kernels,
             slot_mapping=self._tensor(slots),
             decode_rows=self._tensor(decode_rows),
-            decode_block_tables=self._tensor([t + [0] * (widest - len(t)) for t in decode_tables]).view(
-                len(decode_tables), widest
-            ),
+            decode_block_tables=self._table(decode_tables),
             decode_context_lens=self._tensor(decode_lens),
-            prompts=prompts,
+            prompt_rows=self._tensor(prompt_rows),
+            prompt_lens=self._tensor(prompt_lens),
+            prompt_starts=self._tensor(prompt_starts),
+            prompt_block_tables=self._table(prompt_tables),
+            prompt_row_index=self._tensor(
+                [r + i for r, n in zip(prompt_rows, prompt_lens, strict=True) for i in range(n)]
+            ),
         )
         out = self.model(
             input_ids=self._tensor(input_ids).unsqueeze(0),
@@ -142,6 +158,34 @@ class ModelRunner:
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _table(self, tables: list[list[int]]) -> torch.Tensor:
+        """Block tables padded with block 0 to the widest: [len(tables), widest]."""
+        widest = max((len(t) for t in tables), default=0)
+        return self._tensor([t + [0] * (widest - len(t)) for t in tables]).view(len(tables), widest)
+
+
+class KernelRMSNorm(torch.nn.Module):
+    """A transformers RMSNorm (weight, variance_epsilon) computed by the kernels' fused RMSNorm."""
+
+    def __init__(self, norm: torch.nn.Module, kernels) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = norm.variance_epsilon
+        self.kernels = kernels
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        out, _ = self.kernels.rms_norm(hidden.reshape(-1, shape[-1]).contiguous(), self.weight, self.eps)
+        return out.view(*shape[:-1], -1)
+
+
+def _use_kernel_rms_norms(model: torch.nn.Module, kernels) -> None:
+    """Swaps every Llama-style RMSNorm (a module with weight and variance_epsilon) for the kernel's."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RMSNorm") and hasattr(child, "variance_epsilon"):
+                setattr(parent, name, KernelRMSNorm(child, kernels))
 
 
 def kv_cache_bytes(setting: str, device: torch.device) -> int:

@@ -6,12 +6,13 @@ from many sequences. This function writes the new keys and values into the pool 
 slots, then attends each token to its own sequence's cached keys through its block table:
 all one-token (decode) queries together in one batched product, each prompt chunk on its own.
 
-This is the plain PyTorch reference path; kernels/ holds the fused GPU versions.
+The kernels themselves are in kernels/: Triton on CUDA, plain PyTorch on CPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from transformers import AttentionInterface
@@ -46,25 +47,20 @@ class KVPool:
 
 
 @dataclass
-class PromptSpan:
-    """Query rows [first_row, first_row + length) are tokens start.. of one sequence."""
-
-    first_row: int
-    length: int
-    start: int
-    block_table: torch.Tensor  # [blocks covering start + length tokens]
-
-
-@dataclass
 class PagedBatch:
     """Where one step's tokens live in the pool; passed to every layer through the model's kwargs."""
 
     pool: KVPool
+    kernels: ModuleType  # kernels.reference or kernels.triton_ops
     slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) of each new token
     decode_rows: torch.Tensor  # [D] rows of one-token queries
     decode_block_tables: torch.Tensor  # [D, max blocks], padded with block 0
     decode_context_lens: torch.Tensor  # [D] tokens each decode query attends to (itself included)
-    prompts: list[PromptSpan]
+    prompt_rows: torch.Tensor  # [S] first row of each prompt chunk
+    prompt_lens: torch.Tensor  # [S] its length
+    prompt_starts: torch.Tensor  # [S] position of its first token (tokens before it are cached)
+    prompt_block_tables: torch.Tensor  # [S, max blocks], padded with block 0
+    prompt_row_index: torch.Tensor  # every row of every prompt chunk, in order
 
 
 def paged_attention_forward(
@@ -82,90 +78,38 @@ def paged_attention_forward(
     """query: [1, heads, T, head_dim]; key, value: [1, kv_heads, T, head_dim]. Returns [1, T, heads, head_dim]."""
     if paged is None:
         raise RuntimeError(f"the {ATTENTION_NAME} attention runs only inside the meshserve engine")
+    ops = paged.kernels
     layer = module.layer_idx
     key_pool, value_pool = paged.pool.keys[layer], paged.pool.values[layer]
-    kv_heads, head_dim = key_pool.shape[0], key_pool.shape[3]
-    scale = scaling if scaling is not None else head_dim**-0.5
+    scale = scaling if scaling is not None else key_pool.shape[3] ** -0.5
+    window = sliding_window or 0
 
-    key_pool.view(kv_heads, -1, head_dim).index_copy_(1, paged.slot_mapping, key[0].to(key_pool.dtype))
-    value_pool.view(kv_heads, -1, head_dim).index_copy_(1, paged.slot_mapping, value[0].to(value_pool.dtype))
-
+    ops.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), key_pool, value_pool, paged.slot_mapping)
     queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
     out = torch.empty_like(queries)
     if paged.decode_rows.numel():
-        out[paged.decode_rows] = _decode_attention(
-            queries[paged.decode_rows],
+        out[paged.decode_rows] = ops.decode_attention(
+            queries[paged.decode_rows].contiguous(),
             key_pool,
             value_pool,
             paged.decode_block_tables,
             paged.decode_context_lens,
             scale,
-            sliding_window,
+            window,
         )
-    for span in paged.prompts:
-        rows = slice(span.first_row, span.first_row + span.length)
-        out[rows] = _prompt_attention(queries[rows], key_pool, value_pool, span, scale, sliding_window)
+    if paged.prompt_rows.numel():
+        out[paged.prompt_row_index] = ops.prefill_attention(
+            queries,
+            key_pool,
+            value_pool,
+            paged.prompt_rows,
+            paged.prompt_lens,
+            paged.prompt_starts,
+            paged.prompt_block_tables,
+            scale,
+            window,
+        )
     return out.unsqueeze(0), None
-
-
-def _gather(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[batch, blocks] -> [kv_heads, batch, blocks * block_size, head_dim]."""
-    batch, blocks = block_tables.shape
-    kv_heads, _, block_size, head_dim = pool.shape
-    return pool.index_select(1, block_tables.reshape(-1)).view(kv_heads, batch, blocks * block_size, head_dim)
-
-
-def _decode_attention(
-    queries: torch.Tensor,
-    key_pool: torch.Tensor,
-    value_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    batch, heads, head_dim = queries.shape
-    kv_heads = key_pool.shape[0]
-    keys, values = _gather(key_pool, block_tables), _gather(value_pool, block_tables)  # [kv_heads, batch, L, dim]
-    # Grouped-query attention without repeating keys: queries as [kv_heads, batch, group, head_dim].
-    q = queries.view(batch, kv_heads, heads // kv_heads, head_dim).transpose(0, 1).to(keys.dtype)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [kv_heads, batch, group, L]
-    positions = torch.arange(keys.shape[2], device=keys.device)
-    visible = positions[None, :] < context_lens[:, None]
-    if sliding_window is not None:
-        visible &= positions[None, :] >= (context_lens[:, None] - sliding_window)
-    scores.masked_fill_(~visible[None, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values)  # [kv_heads, batch, group, head_dim]
-    return out.transpose(0, 1).reshape(batch, heads, head_dim).to(queries.dtype)
-
-
-def _prompt_attention(
-    queries: torch.Tensor,
-    key_pool: torch.Tensor,
-    value_pool: torch.Tensor,
-    span: PromptSpan,
-    scale: float,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    length, heads, head_dim = queries.shape
-    kv_heads = key_pool.shape[0]
-    context = span.start + span.length
-    tables = span.block_table.unsqueeze(0)
-    keys = _gather(key_pool, tables)[:, 0, :context]  # [kv_heads, context, head_dim]
-    values = _gather(value_pool, tables)[:, 0, :context]
-    q = queries.transpose(0, 1).reshape(kv_heads, heads // kv_heads * length, head_dim).to(keys.dtype)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [kv_heads, group * length, context]
-    scores = scores.view(kv_heads, heads // kv_heads, length, context)
-    query_positions = torch.arange(span.start, context, device=keys.device)[:, None]
-    key_positions = torch.arange(context, device=keys.device)[None, :]
-    visible = key_positions <= query_positions
-    if sliding_window is not None:
-        visible &= key_positions > query_positions - sliding_window
-    scores.masked_fill_(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kv_heads, heads // kv_heads * length, context)
-    out = torch.matmul(probs, values).view(heads, length, head_dim)
-    return out.transpose(0, 1).to(queries.dtype)
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

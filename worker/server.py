@@ -41,7 +41,11 @@ class LoadedModel:
         self.dir = model_dir
         self.name = name
         self.runner = ModelRunner(
-            model_dir, config.dtype, block_size=config.block_size, kv_cache_memory=config.kv_cache_memory
+            model_dir,
+            config.dtype,
+            block_size=config.block_size,
+            kv_cache_memory=config.kv_cache_memory,
+            kernels=config.kernels,
         )
         self.tokenizer = ModelTokenizer.from_dir(model_dir)
         self.engine = Engine(

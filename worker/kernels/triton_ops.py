@@ -97,7 +97,7 @@ def decode_attention_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     ).to(tl.float32)
-    context = tl.load(lens_ptr + seq)
+    context = tl.load(lens_ptr + seq).to(tl.int32)
     first_visible = 0
     if sliding_window > 0:
         first_visible = tl.maximum(context - sliding_window, 0)
@@ -196,11 +196,11 @@ def prefill_attention_kernel(
     span = tl.program_id(0)
     tile = tl.program_id(1)
     head = tl.program_id(2)
-    length = tl.load(lens_ptr + span)
+    length = tl.load(lens_ptr + span).to(tl.int32)
     if tile * BLOCK_M < length:
-        row = tl.load(rows_ptr + span)
-        out_row = tl.load(out_rows_ptr + span)
-        start = tl.load(starts_ptr + span)
+        row = tl.load(rows_ptr + span).to(tl.int32)
+        out_row = tl.load(out_rows_ptr + span).to(tl.int32)
+        start = tl.load(starts_ptr + span).to(tl.int32)
         m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, D_PAD)
         n = tl.arange(0, BLOCK_SIZE)

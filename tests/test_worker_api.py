@@ -124,3 +124,18 @@ def test_prompt_beyond_the_kv_pool_is_resource_exhausted(small_worker):
     )
     chunks = list(stub.Generate(fits, timeout=60))
     assert chunks[-1].finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_resumed_sequence_continues_exactly_where_it_stopped(mesh, temperature):
+    """Failover support: prompt + the tokens already sent, and the worker goes on with the same tokens."""
+    stub = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
+    sampling = common_pb2.SamplingParams(max_tokens=20, temperature=temperature, seed=11, ignore_eos=True)
+    sampling.repetition_penalty = 1.3  # penalties see the resumed tokens as output
+    request = common_pb2.TokenRequest(prompt_token_ids=[5, 6, 7, 8, 9], sampling=sampling)
+    full = [t for chunk in stub.Generate(request, timeout=60) for t in chunk.token_ids]
+    assert len(full) == 20
+    resumed = common_pb2.TokenRequest(prompt_token_ids=[5, 6, 7, 8, 9], sampling=sampling, resume_token_ids=full[:8])
+    chunks = list(stub.Generate(resumed, timeout=60))
+    assert [t for chunk in chunks for t in chunk.token_ids] == full[8:]
+    assert chunks[-1].usage.completion_tokens == 20

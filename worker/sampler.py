@@ -21,6 +21,20 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+def resumed_generator(seed: int | None, draws: int, vocab_size: int) -> torch.Generator:
+    """The generator of a seeded sequence that already drew `draws` tokens elsewhere (failover).
+
+    Each draw is one multinomial sample over the whole vocabulary, whose use of the generator
+    depends on the vocabulary's size but not on the probabilities, so replaying as many draws
+    over a uniform distribution of that size reaches the same state.
+    """
+    generator = make_generator(seed)
+    dummy = torch.ones(vocab_size)
+    for _ in range(draws):
+        torch.multinomial(dummy, 1, generator=generator)
+    return generator
+
+
 def sample(logits: torch.Tensor, sequences: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [len(sequences), vocab] float32. Returns one token and one optional logprob per sequence."""
     raw = logits

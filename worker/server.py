@@ -21,6 +21,7 @@ from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from meshserve.worker.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
 from meshserve.worker.engine import Engine, set_threads
 from meshserve.worker.model_runner import ModelRunner
+from meshserve.worker.sampler import resumed_generator
 from meshserve.worker.sequence import NORMAL_PRIORITY, Finish, SamplingOptions, SequenceOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         outputs: asyncio.Queue[SequenceOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
+        prompt = list(request.prompt_token_ids)
+        resumed = list(request.resume_token_ids)
         sequence = model.engine.new_sequence(
             request.request_id,
-            list(request.prompt_token_ids),
+            prompt,
             options,
             emit=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
             priority=request.priority or NORMAL_PRIORITY,
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
+        if resumed:  # failover: continue after the tokens the caller already has
+            sequence.output_ids = resumed
+            sequence.detokenizer = model.tokenizer.detokenizer(prompt + resumed)
+            if not options.greedy:
+                sequence.generator = resumed_generator(options.seed, len(resumed), model.runner.vocab_size)
         try:
             model.engine.submit(sequence)
         except RuntimeError as exc:
@@ -174,6 +182,13 @@ def _validate(request: common_pb2.TokenRequest, model: LoadedModel) -> SamplingO
     violations += sampling_violations(sampling, len(prompt), context, model.runner.vocab_size)
     if len(prompt) >= context:
         violations.append(("prompt_token_ids", f"{len(prompt)} tokens leave no room in the context of {context}"))
+    resumed = request.resume_token_ids
+    if resumed:
+        violations += token_id_violations("resume_token_ids", resumed, model.runner.vocab_size)
+        if sampling.HasField("max_tokens") and len(resumed) >= sampling.max_tokens:
+            violations.append(("resume_token_ids", f"{len(resumed)} tokens leave none of max_tokens to generate"))
+        if len(prompt) + len(resumed) >= context:
+            violations.append(("resume_token_ids", "prompt + resumed tokens leave no room in the context"))
     if request.priority not in common_pb2.Priority.values():
         violations.append(("priority", f"unknown priority {request.priority}"))
     if violations:

@@ -1,5 +1,57 @@
 from meshserve.v1 import common_pb2 as _common_pb2
+from meshserve.v1 import worker_pb2 as _worker_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
-from typing import ClassVar as _ClassVar
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RouterStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class QueueStats(_message.Message):
+    __slots__ = ("priority", "queued", "oldest_wait_ms")
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    priority: _common_pb2.Priority
+    queued: int
+    oldest_wait_ms: int
+    def __init__(self, priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., queued: _Optional[int] = ..., oldest_wait_ms: _Optional[int] = ...) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("address", "up", "draining", "in_flight", "model", "load", "dispatched")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    up: bool
+    draining: bool
+    in_flight: int
+    model: str
+    load: _worker_pb2.LoadReport
+    dispatched: int
+    def __init__(self, address: _Optional[str] = ..., up: _Optional[bool] = ..., draining: _Optional[bool] = ..., in_flight: _Optional[int] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_worker_pb2.LoadReport, _Mapping]] = ..., dispatched: _Optional[int] = ...) -> None: ...
+
+class RouterStats(_message.Message):
+    __slots__ = ("queues", "workers", "dispatched", "shed", "deadline_exceeded", "failovers")
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    SHED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    queues: _containers.RepeatedCompositeFieldContainer[QueueStats]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
+    dispatched: int
+    shed: int
+    deadline_exceeded: int
+    failovers: int
+    def __init__(self, queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., dispatched: _Optional[int] = ..., shed: _Optional[int] = ..., deadline_exceeded: _Optional[int] = ..., failovers: _Optional[int] = ...) -> None: ...

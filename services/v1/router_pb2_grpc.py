@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
+from meshserve.v1 import router_pb2 as meshserve_dot_v1_dot_router__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -44,6 +45,11 @@ class RouterStub:
                 request_serializer=meshserve_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=meshserve_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/meshserve.v1.Router/Stats',
+                request_serializer=meshserve_dot_v1_dot_router__pb2.RouterStatsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_router__pb2.RouterStats.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -64,6 +70,13 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Queues per priority class and the workers with their live load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=meshserve_dot_v1_dot_common__pb2.ListModelsRequest.FromString,
                     response_serializer=meshserve_dot_v1_dot_common__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=meshserve_dot_v1_dot_router__pb2.RouterStatsRequest.FromString,
+                    response_serializer=meshserve_dot_v1_dot_router__pb2.RouterStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class Router:
             '/meshserve.v1.Router/ListModels',
             meshserve_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
             meshserve_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/Stats',
+            meshserve_dot_v1_dot_router__pb2.RouterStatsRequest.SerializeToString,
+            meshserve_dot_v1_dot_router__pb2.RouterStats.FromString,
             options,
             channel_credentials,
             insecure,

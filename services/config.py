@@ -77,6 +77,12 @@ class RouterConfig(ServerConfig):
     workers: str = field(
         default=f"{DEFAULT_HOST}:{FIRST_WORKER_PORT}", metadata=_help("comma-separated worker addresses")
     )
+    max_queued: int = field(default=1024, metadata=_help("requests waiting at most; then BATCH and LOW are shed"))
+    aging_seconds: float = field(default=5.0, metadata=_help("waiting this long raises a request one priority class"))
+    affinity_slack: int = field(
+        default=2, metadata=_help("how much busier the worker holding a prompt's prefix may be and still get it")
+    )
+    max_failovers: int = field(default=2, metadata=_help("workers a request may resume on after one fails"))
 
 
 @dataclass

@@ -52,12 +52,21 @@ def invalid_argument(violations: Sequence[tuple[str, str]]) -> MeshError:
 
 
 def unavailable(message: str, retry_after_seconds: float | None = None) -> MeshError:
+    return retry_later(grpc.StatusCode.UNAVAILABLE, message, retry_after_seconds)
+
+
+def resource_exhausted(message: str, retry_after_seconds: float | None = None) -> MeshError:
+    return retry_later(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_seconds)
+
+
+def retry_later(code: grpc.StatusCode, message: str, retry_after_seconds: float | None) -> MeshError:
+    """An error with a google.rpc.RetryInfo saying when to try again."""
     details = []
     if retry_after_seconds is not None:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(retry_after_seconds * 1000))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    return MeshError(grpc.StatusCode.UNAVAILABLE, message, details)
+    return MeshError(code, message, details)
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> MeshError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,18 @@ import grpc
 import pytest
 
 T = TypeVar("T")
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 right now (for services started as separate processes)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
 
 # Triton kernels run on CPU tensors through its interpreter; it must be chosen before triton is imported.
 os.environ["TRITON_INTERPRET"] = "1"

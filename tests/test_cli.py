@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,18 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 MESHSERVE = [sys.executable, "-m", "meshserve.cli"]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def process_alive(pid: int) -> bool:

@@ -1,53 +1,82 @@
-"""The router's gRPC service: forwards each tokenised request to a worker and relays its stream."""
+"""The router's gRPC service: queues each tokenised request, runs it on a worker, relays and resumes its stream."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from meshserve.config import RouterConfig
-from meshserve.errors import grpc_errors
+from meshserve.errors import MeshError, grpc_errors, invalid_argument
 from meshserve.logs import current_request_id
+from meshserve.router.queue import Pending, RequestQueue
+from meshserve.router.scheduler import Scheduler
 from meshserve.router.workers import WorkerPool
 from meshserve.server import RunningServer, Servicer, start_server
 from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# A worker that vanished mid-call (killed, connection reset, shutting down): resume elsewhere.
+FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE,)
+
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, scheduler: Scheduler, pool: WorkerPool, max_failovers: int) -> None:
+        self.scheduler = scheduler
         self.pool = pool
+        self.max_failovers = max_failovers
 
     @grpc_errors
     async def Generate(
         self, request: common_pb2.TokenRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenChunk]:
+        """Queues the request, runs it on a worker, and resumes it on another if that worker fails."""
         current_request_id.set(request.request_id)
-        tried: set[str] = set()
+        if request.priority not in common_pb2.Priority.values():
+            raise invalid_argument([("priority", f"unknown priority {request.priority}")])
+        pending = Pending.of(request)
+        sent: list[int] = []  # tokens the caller already has
+        failovers = 0
         while True:
-            worker = self.pool.pick(request.model, exclude=tried)
-            tried.add(worker.address)
-            worker.in_flight += 1
+            worker = await self.scheduler.acquire(pending, context.time_remaining())
+            attempt = request
+            if sent:
+                attempt = common_pb2.TokenRequest()
+                attempt.CopyFrom(request)
+                attempt.resume_token_ids.extend(sent)
             # The caller's deadline bounds the worker's call; cancelling ours cancels it.
-            call = worker.stub.Generate(request, timeout=context.time_remaining())
-            relayed_any = False
+            call = worker.stub.Generate(attempt, timeout=context.time_remaining())
             try:
                 async for chunk in call:
-                    relayed_any = True
+                    sent.extend(chunk.token_ids)
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                # A worker that cannot be reached before it sent anything: try another one.
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and not relayed_any:
-                    log.warning("worker %s unavailable (%s); trying another", worker.address, exc.details())
-                    continue
-                raise
+                if exc.code() not in FAILOVER_CODES:
+                    raise
+                self.pool.mark_down(worker)
+                failovers += 1
+                if failovers > self.max_failovers:
+                    raise MeshError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"gave up after {failovers} workers failed ({exc.code().name}: {exc.details()}); "
+                        f"{len(sent)} tokens were sent; retry",
+                    ) from exc
+                self.scheduler.failovers += 1
+                log.warning(
+                    "worker %s failed (%s) after %d tokens; resuming on another",
+                    worker.address,
+                    exc.code().name,
+                    len(sent),
+                )
+                pending = dataclasses.replace(pending, assigned=asyncio.get_running_loop().create_future())
             finally:
                 call.cancel()
-                worker.in_flight -= 1
+                self.scheduler.release(worker)
 
     @grpc_errors
     async def ListModels(
@@ -60,19 +89,57 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 model.ClearField("tokenizer_files")
         return response
 
+    @grpc_errors
+    async def Stats(
+        self, request: router_pb2.RouterStatsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouterStats:
+        queues = [
+            router_pb2.QueueStats(priority=priority, queued=count, oldest_wait_ms=int(oldest * 1000))
+            for priority, (count, oldest) in self.scheduler.queue.stats().items()
+        ]
+        workers = [
+            router_pb2.WorkerStats(
+                address=w.address,
+                up=w.up,
+                draining=bool(w.load and w.load.draining),
+                in_flight=w.in_flight,
+                model=w.model.name if w.model else "",
+                load=w.load,
+                dispatched=w.dispatched,
+            )
+            for w in self.pool.workers
+        ]
+        return router_pb2.RouterStats(
+            queues=queues,
+            workers=workers,
+            dispatched=self.scheduler.dispatched,
+            shed=self.scheduler.queue.shed,
+            deadline_exceeded=self.scheduler.deadline_exceeded,
+            failovers=self.scheduler.failovers,
+        )
+
 
 async def start_router(config: RouterConfig) -> RunningServer:
-    pool = WorkerPool([a.strip() for a in config.workers.split(",") if a.strip()])
+    scheduler: Scheduler | None = None
+    pool = WorkerPool(
+        [a.strip() for a in config.workers.split(",") if a.strip()],
+        on_change=lambda: scheduler.wake() if scheduler else None,
+        affinity_slack=config.affinity_slack,
+    )
+    scheduler = Scheduler(RequestQueue(config.max_queued, config.aging_seconds), pool)
+    pool.start()
+    scheduler.start()
     running = await start_server(
         config.host,
         config.port,
         [
             Servicer(
-                RouterServicer(pool),
+                RouterServicer(scheduler, pool, config.max_failovers),
                 router_pb2_grpc.add_RouterServicer_to_server,
                 router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
             )
         ],
     )
     running.on_stop.append(pool.close)
+    running.on_stop.append(scheduler.stop)
     return running

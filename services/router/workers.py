@@ -1,18 +1,24 @@
-"""The router's view of its workers: addresses, connections, requests in flight, what each serves."""
+"""The router's view of its workers: live load from each worker's WatchLoad stream, room, choice, affinity."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from meshserve.channels import aio_channel
-from meshserve.errors import MeshError
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_MS = 20
+RECONNECT_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0)
+AFFINITY_PREFIX_TOKENS = 64  # the leading tokens that key prefix affinity (four 16-token blocks)
+AFFINITY_ENTRIES = 10_000
 
 
 @dataclass
@@ -22,54 +28,119 @@ class WorkerEndpoint:
     channel: grpc.aio.Channel
     # Requests the router has sent and not yet seen finish.
     in_flight: int = 0
+    dispatched: int = 0
     # When it was last picked: among equally loaded workers the longest unused goes first.
     last_picked: int = 0
     model: common_pb2.ModelInfo | None = field(default=None, repr=False)
+    load: worker_pb2.LoadReport | None = field(default=None, repr=False)
+    # Its load stream is connected. A failed call marks it down until the stream reconnects.
+    connected: bool = False
+
+    @property
+    def up(self) -> bool:
+        return self.connected and self.load is not None and not self.load.draining
+
+    @property
+    def busy(self) -> int:
+        """Sequences on it: what it reports, or what the router has sent, whichever is more (reports lag)."""
+        reported = self.load.running_sequences + self.load.waiting_sequences if self.load else 0
+        return max(self.in_flight, reported)
+
+    def has_room(self, overflow: int = 0) -> bool:
+        return self.up and self.load is not None and self.busy < self.load.max_num_seqs + overflow
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], on_change: Callable[[], None], affinity_slack: int = 2) -> None:
         if not addresses:
             raise ValueError("the router needs at least one worker address (--workers)")
         self.workers: list[WorkerEndpoint] = []
+        self.on_change = on_change
+        self.affinity_slack = affinity_slack
         self._picks = 0
+        self._affinity: OrderedDict[int, str] = OrderedDict()  # prompt-prefix hash -> worker address
+        self._watchers: list[asyncio.Task] = []
         for address in addresses:
             channel = aio_channel(address)
             self.workers.append(WorkerEndpoint(address, worker_pb2_grpc.WorkerStub(channel), channel))
 
-    def pick(self, model: str, exclude: set[str]) -> WorkerEndpoint:
-        """The least busy worker that may serve `model`, skipping the addresses in `exclude`."""
+    def start(self) -> None:
+        self._watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
+
+    async def _watch(self, worker: WorkerEndpoint) -> None:
+        """Keeps worker.load current; marks the worker down while its stream is broken."""
+        failures = 0
+        while True:
+            try:
+                if worker.model is None:
+                    worker.model = await worker.stub.DescribeModel(worker_pb2.DescribeModelRequest(), timeout=5)
+                stream = worker.stub.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=WATCH_INTERVAL_MS))
+                async for report in stream:
+                    worker.load, worker.connected, failures = report, True, 0
+                    self.on_change()
+            except grpc.aio.AioRpcError as exc:
+                if worker.connected:
+                    log.warning("worker %s is down: %s", worker.address, exc.details() or exc.code().name)
+            worker.connected = False
+            self.on_change()
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(failures, len(RECONNECT_DELAYS_S) - 1)])
+            failures += 1
+
+    def mark_down(self, worker: WorkerEndpoint) -> None:
+        """A call to it failed: no new work until its load stream reconnects."""
+        worker.connected = False
+        self.on_change()
+
+    def choose(self, request: common_pb2.TokenRequest, overflow: int = 0) -> WorkerEndpoint | None:
+        """The least busy worker with room that serves the request's model, preferring the one that last
+        served the same prompt prefix (its KV cache may hold it) unless that one is busier by more than
+        affinity_slack; None when no worker has room."""
         candidates = [
             w
             for w in self.workers
-            if w.address not in exclude and (not model or w.model is None or w.model.name == model)
+            if w.has_room(overflow) and (not request.model or (w.model and w.model.name == request.model))
         ]
         if not candidates:
-            tried = f" (tried {', '.join(sorted(exclude))})" if exclude else ""
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"no worker is available for model {model!r}{tried}")
-        # Workers whose model is known first: an unknown one may be down or serve another model.
-        chosen = min(candidates, key=lambda w: (w.model is None, w.in_flight, w.last_picked))
+            return None
+        chosen = min(candidates, key=lambda w: (w.busy, w.last_picked))
+        key = prefix_key(request.prompt_token_ids)
+        preferred = next((w for w in candidates if w.address == self._affinity.get(key)), None)
+        if preferred is not None and preferred.busy <= chosen.busy + self.affinity_slack:
+            chosen = preferred
+        self._affinity[key] = chosen.address
+        self._affinity.move_to_end(key)
+        while len(self._affinity) > AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
         self._picks += 1
         chosen.last_picked = self._picks
         return chosen
 
-    async def describe(self, timeout: float = 5.0) -> list[common_pb2.ModelInfo]:
-        """Asks every worker not yet described what it serves; returns one ModelInfo per model name."""
-
-        async def describe_one(worker: WorkerEndpoint) -> None:
-            if worker.model is not None:
-                return
-            try:
-                worker.model = await worker.stub.DescribeModel(worker_pb2.DescribeModelRequest(), timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                log.info("worker %s did not describe its model: %s", worker.address, exc.code().name)
-
-        await asyncio.gather(*(describe_one(w) for w in self.workers))
-        models: dict[str, common_pb2.ModelInfo] = {}
+    def models(self) -> list[common_pb2.ModelInfo]:
+        found: dict[str, common_pb2.ModelInfo] = {}
         for worker in self.workers:
             if worker.model is not None:
-                models.setdefault(worker.model.name, worker.model)
-        return list(models.values())
+                found.setdefault(worker.model.name, worker.model)
+        return list(found.values())
+
+    async def describe(self, timeout: float = 5.0) -> list[common_pb2.ModelInfo]:
+        """What the workers serve, asking those not yet described."""
+
+        async def describe_one(worker: WorkerEndpoint) -> None:
+            if worker.model is None:
+                try:
+                    worker.model = await worker.stub.DescribeModel(worker_pb2.DescribeModelRequest(), timeout=timeout)
+                except grpc.aio.AioRpcError as exc:
+                    log.info("worker %s did not describe its model: %s", worker.address, exc.code().name)
+
+        await asyncio.gather(*(describe_one(w) for w in self.workers))
+        return self.models()
 
     async def close(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         await asyncio.gather(*(w.channel.close() for w in self.workers))
+
+
+def prefix_key(prompt_token_ids) -> int:
+    return hash(tuple(prompt_token_ids[:AFFINITY_PREFIX_TOKENS]))

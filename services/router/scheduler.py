@@ -1,0 +1,104 @@
+"""Admission and dispatch: requests wait in the RequestQueue until a worker has room, best first.
+
+Dispatch runs whenever something changes (an arrival, a finish, a load report) and at least every
+`TICK_S` (waiting raises rank). A request goes only to a worker with room, so priority is decided
+here and not lost in a worker's queue. CRITICAL and HIGH requests may overflow a full worker by
+`OVERFLOW` sequences: the worker's engine then preempts its lowest-priority running sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from meshserve.errors import MeshError
+from meshserve.router.queue import Pending, RequestQueue, class_name
+from meshserve.router.workers import WorkerEndpoint, WorkerPool
+from meshserve.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1
+OVERFLOW = 2
+OVERFLOW_CLASSES = (common_pb2.PRIORITY_CRITICAL, common_pb2.PRIORITY_HIGH)
+
+
+class Scheduler:
+    def __init__(self, queue: RequestQueue, pool: WorkerPool) -> None:
+        self.queue = queue
+        self.pool = pool
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.dispatched = 0
+        self.deadline_exceeded = 0
+        self.failovers = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._dispatch_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def acquire(self, pending: Pending, timeout: float | None) -> WorkerEndpoint:
+        """Queues the request and waits for a worker (counted in flight on it until release())."""
+        self.queue.push(pending)
+        self.wake()
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.assigned), timeout)
+        except TimeoutError:
+            self.deadline_exceeded += 1
+            waited = time.monotonic() - pending.enqueued_at
+            raise MeshError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the deadline passed after {waited:.2f}s in the {class_name(pending.priority)} queue, "
+                "before a worker had room; it never reached one",
+            ) from None
+        finally:
+            if not pending.assigned.done():
+                self.queue.remove(pending)
+                pending.assigned.cancel()
+            elif not pending.assigned.cancelled() and pending.assigned.exception() is None:
+                worker = pending.assigned.result()
+                if asyncio.current_task().cancelling():  # the caller left right as it was dispatched
+                    self.release(worker)
+
+    def release(self, worker: WorkerEndpoint) -> None:
+        worker.in_flight -= 1
+        self.wake()
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                self.dispatch()
+            except Exception:  # the loop must outlive any one bad request
+                log.exception("dispatch failed")
+
+    def dispatch(self) -> None:
+        blocked: set[str] = set()  # a model whose best request found no room: nothing behind it may pass
+        for pending in self.queue.in_order():
+            model = pending.request.model
+            if model in blocked:
+                continue
+            overflow = OVERFLOW if pending.priority in OVERFLOW_CLASSES else 0
+            worker = self.pool.choose(pending.request, overflow)
+            if worker is None:
+                blocked.add(model)
+                continue
+            self.queue.dispatched(pending)
+            worker.in_flight += 1
+            worker.dispatched += 1
+            self.dispatched += 1
+            pending.assigned.set_result(worker)

@@ -1,0 +1,248 @@
+"""The router with real workers on loopback: priority, fair share, shedding, deadlines, affinity, failover."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import grpc
+import pytest
+from conftest import free_ports
+from grpc_status import rpc_status
+
+from meshserve.channels import sync_channel, wait_until_serving
+from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+WAIT_S = 120
+
+
+@contextmanager
+def router_with_workers(loop_thread, max_num_seqs: list[int], **router_config):
+    """In-process workers (one torch thread each) and a router in front of them."""
+    from meshserve.config import RouterConfig, WorkerConfig
+    from meshserve.router.server import start_router
+    from meshserve.worker.server import start_worker
+
+    workers = [
+        loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=n, threads=1)))
+        for n in max_num_seqs
+    ]
+    addresses = ",".join(w.address for w in workers)
+    router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=addresses, **router_config)))
+    try:
+        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
+        wait_for_workers_up(stub, len(workers))
+        yield stub
+    finally:
+        loop_thread.run(router.stop(0))
+        for worker in workers:
+            loop_thread.run(worker.stop(0))
+
+
+def wait_for_workers_up(stub, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+        if sum(w.up for w in stats.workers) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the router never saw its workers up")
+
+
+def token_request(prompt, max_tokens: int, priority=common_pb2.PRIORITY_NORMAL, tenant: str = "", **sampling):
+    params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling)
+    return common_pb2.TokenRequest(prompt_token_ids=prompt, sampling=params, priority=priority, tenant=tenant)
+
+
+class Recorder:
+    """Runs requests on threads and numbers their first tokens and completions in the order they happen."""
+
+    def __init__(self, stub) -> None:
+        self.stub = stub
+        self.counter = itertools.count()
+        self.lock = threading.Lock()
+        self.first_token: dict[str, int] = {}
+        self.completed: dict[str, int] = {}
+        self.errors: dict[str, grpc.RpcError] = {}
+        self.threads: list[threading.Thread] = []
+
+    def send(self, name: str, request, timeout: float = WAIT_S) -> None:
+        def run() -> None:
+            try:
+                for chunk in self.stub.Generate(request, timeout=timeout):
+                    if chunk.token_ids and name not in self.first_token:
+                        with self.lock:
+                            self.first_token[name] = next(self.counter)
+                with self.lock:
+                    self.completed[name] = next(self.counter)
+            except grpc.RpcError as exc:
+                self.errors[name] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.threads.append(thread)
+
+    def wait_until(self, condition, timeout: float = WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert condition(), "timed out"
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(WAIT_S)
+
+
+def test_high_priority_starts_before_queued_low(loop_thread):
+    with router_with_workers(loop_thread, [2]) as stub:
+        recorder = Recorder(stub)
+        for i in range(20):
+            recorder.send(f"low{i}", token_request([5 + i, 6, 7], 60, common_pb2.PRIORITY_LOW))
+        recorder.wait_until(lambda: len(recorder.first_token) >= 2)
+        started_before = set(recorder.first_token)
+        for i in range(2):
+            recorder.send(f"high{i}", token_request([9, 9 + i], 5, common_pb2.PRIORITY_HIGH))
+        recorder.join()
+    assert not recorder.errors
+    later_lows = [recorder.first_token[f"low{i}"] for i in range(20) if f"low{i}" not in started_before]
+    assert len(later_lows) >= 16
+    for i in range(2):
+        assert recorder.first_token[f"high{i}"] < min(later_lows)
+
+
+def test_a_flooding_tenant_does_not_starve_another(loop_thread):
+    with router_with_workers(loop_thread, [2]) as stub:
+        recorder = Recorder(stub)
+        for i in range(40):
+            recorder.send(f"a{i}", token_request([5, 6, 7 + i], 8, tenant="a"))
+        recorder.wait_until(lambda: len(recorder.first_token) >= 2)
+        for i in range(4):
+            recorder.send(f"b{i}", token_request([8, 9 + i], 8, tenant="b"))
+        recorder.join()
+    assert not recorder.errors
+    a_done = sorted(recorder.completed[f"a{i}"] for i in range(40))
+    b_done = [recorder.completed[f"b{i}"] for i in range(4)]
+    # Fair share: B's four are served alongside A's backlog, well before A's last ten finish.
+    assert max(b_done) < a_done[30]
+
+
+def test_full_queue_sheds_batch_and_low_but_takes_high(loop_thread):
+    with router_with_workers(loop_thread, [1], max_queued=3) as stub:
+        recorder = Recorder(stub)
+        recorder.send("running", token_request([5, 6], 400, common_pb2.PRIORITY_NORMAL))
+        recorder.wait_until(lambda: "running" in recorder.first_token)
+        for i in range(3):
+            recorder.send(f"queued{i}", token_request([7, i + 3], 4, common_pb2.PRIORITY_LOW))
+        recorder.wait_until(lambda: queued(stub) == 3)
+        for priority in (common_pb2.PRIORITY_BATCH, common_pb2.PRIORITY_LOW):
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Generate(token_request([8], 4, priority), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "shed" in caught.value.details()
+            assert retry_info(caught.value) is not None
+        recorder.send("high", token_request([9, 10], 4, common_pb2.PRIORITY_HIGH))
+        recorder.join()
+        stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+    assert "high" in recorder.completed and "running" in recorder.completed
+    # The HIGH request took the place of the newest LOW one, which was told why.
+    assert set(recorder.errors) == {"queued2"}
+    assert recorder.errors["queued2"].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stats.shed == 3
+
+
+def queued(stub) -> int:
+    return sum(q.queued for q in stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).queues)
+
+
+def retry_info(error: grpc.RpcError):
+    from google.rpc import error_details_pb2
+
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            return detail
+    return None
+
+
+def test_a_deadline_shorter_than_the_queue_wait_never_reaches_a_worker(loop_thread):
+    with router_with_workers(loop_thread, [1]) as stub:
+        recorder = Recorder(stub)
+        recorder.send("running", token_request([5, 6], 300))
+        recorder.wait_until(lambda: "running" in recorder.first_token)
+        before = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(token_request([7, 8], 4), timeout=0.3))
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        after = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+        recorder.join()
+    assert after.dispatched == before.dispatched
+    assert after.deadline_exceeded == 1 or caught.value.details() == "Deadline Exceeded"
+    assert sum(q.queued for q in after.queues) == 0
+
+
+def test_prefix_affinity_still_spreads_load(loop_thread):
+    system = list(range(10, 90))  # one shared system prompt
+    with router_with_workers(loop_thread, [2, 2, 2]) as stub:
+        recorder = Recorder(stub)
+        for i in range(6):
+            recorder.send(f"r{i}", token_request([*system, 100 + i], 40))
+        recorder.join()
+        stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+    assert not recorder.errors
+    assert all(w.dispatched >= 1 for w in stats.workers), [w.dispatched for w in stats.workers]
+
+
+def start_worker_process(port: int, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshserve.cli", "worker", "--port", str(port), "--threads", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "seed": 5}], ids=["greedy", "seeded"])
+def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thread, cache_dir, sampling):
+    from meshserve.config import RouterConfig
+    from meshserve.router.server import start_router
+
+    env = {**os.environ, "MESHSERVE_CACHE": str(cache_dir)}
+    ports = free_ports(3)
+    processes = [start_worker_process(port, env) for port in ports]
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    router = None
+    try:
+        for address in addresses:
+            assert wait_until_serving(address, timeout=120), f"worker {address} never became ready"
+        router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=",".join(addresses))))
+        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
+        wait_for_workers_up(stub, 3)
+        params = {"max_tokens": 120, "ignore_eos": True, **sampling}
+        request = common_pb2.TokenRequest(prompt_token_ids=[5, 6, 7, 8], sampling=common_pb2.SamplingParams(**params))
+        reference = [t for chunk in stub.Generate(request, timeout=WAIT_S) for t in chunk.token_ids]
+        assert len(reference) == 120
+
+        tokens: list[int] = []
+        finish = None
+        for chunk in stub.Generate(request, timeout=WAIT_S):
+            tokens.extend(chunk.token_ids)
+            finish = chunk.finish_reason or finish
+            if len(tokens) >= 40 and all(p.poll() is None for p in processes):
+                stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+                serving = next(i for i, w in enumerate(stats.workers) if w.in_flight)
+                processes[serving].send_signal(signal.SIGKILL)
+        assert tokens == reference
+        assert finish == common_pb2.FINISH_REASON_LENGTH
+        assert stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).failovers == 1
+    finally:
+        if router is not None:
+            loop_thread.run(router.stop(0))
+        for process in processes:
+            process.kill()
+            process.wait(30)

@@ -75,8 +75,13 @@ class WorkerConfig(ServerConfig):
 class RouterConfig(ServerConfig):
     port: int = field(default=ROUTER_PORT, metadata=_help("gRPC port"))
     workers: str = field(
-        default=f"{DEFAULT_HOST}:{FIRST_WORKER_PORT}", metadata=_help("comma-separated worker addresses")
+        default=f"{DEFAULT_HOST}:{FIRST_WORKER_PORT}",
+        metadata=_help(
+            "comma-separated workers: host:port, dns:///name:port (every address of name) "
+            "or k8s:///namespace/service:port (the Service's ready EndpointSlices)"
+        ),
     )
+    discovery_seconds: float = field(default=10.0, metadata=_help("how often DNS and Kubernetes workers are re-read"))
     max_queued: int = field(default=1024, metadata=_help("requests waiting at most; then BATCH and LOW are shed"))
     aging_seconds: float = field(default=5.0, metadata=_help("waiting this long raises a request one priority class"))
     affinity_slack: int = field(

@@ -246,3 +246,74 @@ def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thre
         for process in processes:
             process.kill()
             process.wait(30)
+
+
+def test_dns_discovery_finds_workers_behind_a_name(loop_thread):
+    """localhost resolves to the loopback addresses; the worker listens on 127.0.0.1 and serves through it."""
+    from meshserve.config import RouterConfig, WorkerConfig
+    from meshserve.router.server import start_router
+    from meshserve.worker.server import start_worker
+
+    worker = loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=2, threads=1)))
+    config = RouterConfig(host="127.0.0.1", port=0, workers=f"dns:///localhost:{worker.port}", discovery_seconds=0.2)
+    router = loop_thread.run(start_router(config))
+    try:
+        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
+        wait_for_workers_up(stub, 1)
+        chunks = list(stub.Generate(token_request([5, 6], 3), timeout=WAIT_S))
+        assert sum(len(c.token_ids) for c in chunks) == 3
+        addresses = {w.address for w in stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).workers}
+        assert f"127.0.0.1:{worker.port}" in addresses
+    finally:
+        loop_thread.run(router.stop(0))
+        loop_thread.run(worker.stop(0))
+
+
+def test_static_workers_and_bad_entries():
+    from meshserve.router.discovery import Source, parse_sources
+
+    assert parse_sources("127.0.0.1:1, [::1]:2,dns:///workers.llm:50061,k8s:///llm/meshserve-worker:grpc") == [
+        Source("static", "127.0.0.1", "1"),
+        Source("static", "[::1]", "2"),
+        Source("dns", "workers.llm", "50061"),
+        Source("k8s", "llm/meshserve-worker", "grpc"),
+    ]
+    for bad in ("", "nohost", "dns:///name:http", "k8s:///service-only:80", "ftp:///x:1"):
+        with pytest.raises(ValueError, match="worker"):
+            parse_sources(bad)
+
+
+def test_kubernetes_discovery_reads_ready_endpoints_of_the_service():
+    """Without a cluster: the EndpointSlice API answered by the kubernetes client's own models."""
+    from kubernetes.client import (
+        DiscoveryV1EndpointPort,
+        V1Endpoint,
+        V1EndpointConditions,
+        V1EndpointSlice,
+        V1EndpointSliceList,
+    )
+
+    from meshserve.router.discovery import resolve_endpoint_slices
+
+    class FakeDiscoveryApi:
+        """Stands in for the cluster's API server only (not for any meshserve service)."""
+
+        def list_namespaced_endpoint_slice(self, namespace, label_selector):
+            assert (namespace, label_selector) == ("llm", "kubernetes.io/service-name=meshserve-worker")
+            endpoints = [
+                V1Endpoint(addresses=["10.0.0.5"], conditions=V1EndpointConditions(ready=True)),
+                V1Endpoint(addresses=["10.0.0.6"], conditions=V1EndpointConditions(ready=False)),  # draining
+                V1Endpoint(addresses=["fd00::7"], conditions=V1EndpointConditions(ready=True)),
+            ]
+            ports = [
+                DiscoveryV1EndpointPort(name="grpc", port=50061),
+                DiscoveryV1EndpointPort(name="metrics", port=9090),
+            ]
+            return V1EndpointSliceList(items=[V1EndpointSlice(address_type="IPv4", endpoints=endpoints, ports=ports)])
+
+    found = resolve_endpoint_slices("llm", "meshserve-worker", "grpc", api=FakeDiscoveryApi())
+    assert found == {"10.0.0.5:50061", "[fd00::7]:50061"}
+    assert resolve_endpoint_slices("llm", "meshserve-worker", "9000", api=FakeDiscoveryApi()) == {
+        "10.0.0.5:9000",
+        "[fd00::7]:9000",
+    }

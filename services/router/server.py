@@ -12,6 +12,7 @@ import grpc
 from meshserve.config import RouterConfig
 from meshserve.errors import MeshError, grpc_errors, invalid_argument
 from meshserve.logs import current_request_id
+from meshserve.router.discovery import parse_sources
 from meshserve.router.queue import Pending, RequestQueue
 from meshserve.router.scheduler import Scheduler
 from meshserve.router.workers import WorkerPool
@@ -120,14 +121,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
 
 async def start_router(config: RouterConfig) -> RunningServer:
+    try:
+        sources = parse_sources(config.workers)
+    except ValueError as exc:
+        raise SystemExit(f"meshserve: {exc}") from exc
     scheduler: Scheduler | None = None
     pool = WorkerPool(
-        [a.strip() for a in config.workers.split(",") if a.strip()],
+        sources,
         on_change=lambda: scheduler.wake() if scheduler else None,
         affinity_slack=config.affinity_slack,
+        refresh_seconds=config.discovery_seconds,
     )
     scheduler = Scheduler(RequestQueue(config.max_queued, config.aging_seconds), pool)
-    pool.start()
+    await pool.start()
     scheduler.start()
     running = await start_server(
         config.host,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from meshserve.channels import aio_channel
+from meshserve.router.discovery import Source
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ class WorkerEndpoint:
     load: worker_pb2.LoadReport | None = field(default=None, repr=False)
     # Its load stream is connected. A failed call marks it down until the stream reconnects.
     connected: bool = False
+    # Discovery no longer lists it: no new work; it leaves the pool once idle.
+    removed: bool = False
 
     @property
     def up(self) -> bool:
-        return self.connected and self.load is not None and not self.load.draining
+        return self.connected and not self.removed and self.load is not None and not self.load.draining
 
     @property
     def busy(self) -> int:
@@ -51,21 +54,57 @@ class WorkerEndpoint:
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str], on_change: Callable[[], None], affinity_slack: int = 2) -> None:
-        if not addresses:
-            raise ValueError("the router needs at least one worker address (--workers)")
+    def __init__(
+        self,
+        sources: list[Source],
+        on_change: Callable[[], None],
+        affinity_slack: int = 2,
+        refresh_seconds: float = 10.0,
+    ) -> None:
+        self.sources = sources
         self.workers: list[WorkerEndpoint] = []
         self.on_change = on_change
         self.affinity_slack = affinity_slack
+        self.refresh_seconds = refresh_seconds
         self._picks = 0
         self._affinity: OrderedDict[int, str] = OrderedDict()  # prompt-prefix hash -> worker address
-        self._watchers: list[asyncio.Task] = []
-        for address in addresses:
-            channel = aio_channel(address)
-            self.workers.append(WorkerEndpoint(address, worker_pb2_grpc.WorkerStub(channel), channel))
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._refresher: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self._watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
+    async def start(self) -> None:
+        """Finds the workers once now, then again every refresh_seconds."""
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Adds workers that appeared; those that disappeared get no new work and leave once idle."""
+        found: set[str] = set()
+        for source in self.sources:
+            try:
+                found |= await source.resolve()
+            except Exception as exc:  # a lookup failing now must not take the known workers away
+                log.warning("could not resolve workers from %s: %s", source, exc)
+                found |= {w.address for w in self.workers if not w.removed}
+        known = {w.address for w in self.workers}
+        for address in sorted(found - known):
+            channel = aio_channel(address)
+            worker = WorkerEndpoint(address, worker_pb2_grpc.WorkerStub(channel), channel)
+            self.workers.append(worker)
+            self._watchers[address] = asyncio.create_task(self._watch(worker))
+            log.info("worker %s added", address)
+        for worker in self.workers:
+            worker.removed = worker.address not in found
+        for worker in [w for w in self.workers if w.removed and w.in_flight == 0]:
+            self.workers.remove(worker)
+            self._watchers.pop(worker.address).cancel()
+            await worker.channel.close()
+            log.info("worker %s removed", worker.address)
+        self.on_change()
 
     async def _watch(self, worker: WorkerEndpoint) -> None:
         """Keeps worker.load current; marks the worker down while its stream is broken."""
@@ -136,9 +175,10 @@ class WorkerPool:
         return self.models()
 
     async def close(self) -> None:
-        for task in self._watchers:
+        tasks = [*self._watchers.values(), *([self._refresher] if self._refresher else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(w.channel.close() for w in self.workers))
 
 

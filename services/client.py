@@ -12,7 +12,7 @@ import grpc
 from meshserve import config as cfg
 from meshserve.channels import health_status, sync_channel
 from meshserve.launcher import state_file
-from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
 
 FINISH_NAMES = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -127,6 +127,30 @@ def local_mesh_services(gateway: str | None) -> list[tuple[str, str]]:
     ]
 
 
+def print_router_stats(address: str) -> None:
+    """Queues per class and each worker's load, as the router sees them."""
+    with sync_channel(address) as channel:
+        stats = router_pb2_grpc.RouterStub(channel).Stats(router_pb2.RouterStatsRequest(), timeout=5)
+    queues = ", ".join(
+        f"{common_pb2.Priority.Name(q.priority).removeprefix('PRIORITY_').lower()} {q.queued}"
+        + (f" (oldest {q.oldest_wait_ms} ms)" if q.queued else "")
+        for q in stats.queues
+    )
+    print(f"queues       {queues}")
+    print(
+        f"router       dispatched {stats.dispatched}, shed {stats.shed}, "
+        f"deadline exceeded {stats.deadline_exceeded}, failovers {stats.failovers}"
+    )
+    for worker in stats.workers:
+        load = worker.load
+        state = "up" if worker.up else ("draining" if worker.draining else "down")
+        print(
+            f"worker       {worker.address:<22} {state:<8} running {load.running_sequences}/{load.max_num_seqs}, "
+            f"waiting {load.waiting_sequences}, KV blocks free {load.free_kv_blocks}/{load.total_kv_blocks}, "
+            f"{load.tokens_per_second:.0f} tok/s, prefix hits {load.prefix_cache_hit_rate:.0%}"
+        )
+
+
 def status_command(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
@@ -146,6 +170,9 @@ def status_command(args: argparse.Namespace) -> int:
             )
         for model in reply.models:
             print(f"model        {model.name:<22} context {model.max_context_length} tokens")
+    router = dict(services).get("router")
+    if router and statuses.get("router") == "SERVING":
+        print_router_stats(router)
     if not all_serving:
         print("meshserve: not every service is serving (start the mesh with `meshserve up`)", file=sys.stderr)
         return 3

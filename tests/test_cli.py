@@ -72,6 +72,8 @@ def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
         status = subprocess.run([*MESHSERVE, "status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
         assert status.stdout.count("SERVING") == 5 and "meshserve-tiny" in status.stdout
+        assert "queues       critical 0" in status.stdout
+        assert status.stdout.count("running 0/") + status.stdout.count("running 1/") == 2  # two workers, up
 
         address = f"127.0.0.1:{gateway}"
         generate = [*MESHSERVE, "generate", "Hello", "--stream", "--max-tokens", "8", "--gateway", address]

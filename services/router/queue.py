@@ -56,6 +56,10 @@ class Pending:
     # Resolved with the chosen worker, or with the error that ended the wait (shed).
     assigned: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
+    @property
+    def fair_key(self) -> tuple[int, str]:
+        return (self.priority, self.tenant)
+
     @classmethod
     def of(cls, request: common_pb2.TokenRequest) -> Pending:
         priority = request.priority or common_pb2.PRIORITY_NORMAL
@@ -100,9 +104,21 @@ class RequestQueue:
         now = time.monotonic() if now is None else now
         return sorted(self._pending, key=lambda p: self._rank(p, now))
 
+    def best(self, skip_models: set[str], now: float, classes: tuple[int, ...] | None = None) -> Pending | None:
+        """The first request in order whose model is not in skip_models, of the given classes only if set
+        (one pass, no sort)."""
+        candidates = self._pending
+        if skip_models or classes:
+            candidates = [
+                p
+                for p in candidates
+                if p.request.model not in skip_models and (classes is None or p.priority in classes)
+            ]
+        return min(candidates, key=lambda p: self._rank(p, now), default=None)
+
     def dispatched(self, pending: Pending) -> None:
         self.remove(pending)
-        self._served[(pending.priority, pending.tenant)] += pending.cost
+        self._served[pending.fair_key] += pending.cost
 
     def stats(self, now: float | None = None) -> dict[int, tuple[int, float]]:
         """Per class: (queued, oldest wait in seconds)."""
@@ -114,10 +130,14 @@ class RequestQueue:
         return out
 
     def _rank(self, pending: Pending, now: float) -> tuple[int, float, float, int]:
-        waited = now - pending.enqueued_at
-        level = max(CLASSES[0], pending.priority - int(waited / self.aging_seconds))
-        score = pending.cost / (1 + waited / self.aging_seconds)
-        return (level, self._served[(pending.priority, pending.tenant)], score, pending.arrival)
+        aged = (now - pending.enqueued_at) / self.aging_seconds
+        level = pending.priority - int(aged)
+        return (
+            level if level > CLASSES[0] else CLASSES[0],
+            self._served[pending.fair_key],
+            pending.cost / (1 + aged),
+            pending.arrival,
+        )
 
     def _join_fairly(self, pending: Pending) -> None:
         key = (pending.priority, pending.tenant)

@@ -87,15 +87,21 @@ class Scheduler:
                 log.exception("dispatch failed")
 
     def dispatch(self) -> None:
+        """Sends the best waiting requests to workers until the best one (per model) finds no room."""
         blocked: set[str] = set()  # a model whose best request found no room: nothing behind it may pass
-        for pending in self.queue.in_order():
-            model = pending.request.model
-            if model in blocked:
-                continue
+        now = time.monotonic()
+        while self.queue:
+            # Checked first so that a full mesh costs no pass over the queue.
+            if not any(w.has_room(OVERFLOW) for w in self.pool.workers):
+                return
+            only = None if any(w.has_room() for w in self.pool.workers) else OVERFLOW_CLASSES
+            pending = self.queue.best(blocked, now, only)
+            if pending is None:
+                return
             overflow = OVERFLOW if pending.priority in OVERFLOW_CLASSES else 0
             worker = self.pool.choose(pending.request, overflow)
             if worker is None:
-                blocked.add(model)
+                blocked.add(pending.request.model)
                 continue
             self.queue.dispatched(pending)
             worker.in_flight += 1

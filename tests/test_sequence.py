@@ -50,3 +50,23 @@ def test_multibyte_characters_are_never_split(model_dir):
     outputs, _ = run(model_dir, "東京 🙂 café")
     assert "".join(o.text for o in outputs) == "東京 🙂 café"
     assert all("\ufffd" not in o.text for o in outputs)
+
+
+def test_a_replayed_sequence_emits_exactly_what_the_first_one_had_not(model_dir):
+    """Failover: the text the first sequence held back (a possible stop-string start) comes from the replay."""
+    tokenizer = ModelTokenizer.from_dir(model_dir)
+    text = "the worker sends tokens to the router now"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    stop = ("to the river",)  # "to the r" is held back until "router" shows it is no stop
+    first, _ = run(model_dir, text, stop=stop)
+    for k in range(1, len(tokens)):
+        already = "".join(o.text for o in first[:k])
+        replayed, sequence = run(model_dir, "", stop=stop)
+        sequence.replay(tokens[:k])
+        outputs = []
+        sequence.emit = outputs.append
+        for token in tokens[k:]:
+            sequence.append_token(token)
+        assert not replayed, "replaying emits nothing"
+        assert already + "".join(o.text for o in outputs) == "".join(o.text for o in first), k
+    assert any("".join(o.text for o in first[:k]) != tokenizer.decode(tokens[:k]) for k in range(1, len(tokens)))

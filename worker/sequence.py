@@ -159,6 +159,19 @@ class Sequence:
         self.finish = finish
         self._emit([token_id], text, logprobs=[logprob] if logprob is not None else [])
 
+    def replay(self, token_ids: Seq[int]) -> None:
+        """Takes tokens the consumer already has (failover) without emitting them, so the detokeniser and
+        the text held back as a possible stop-string start are as if this sequence had produced them."""
+        emit = self.emit
+        self.emit = lambda output: None
+        try:
+            for token_id in token_ids:
+                self.append_token(token_id)
+                if self.finished:
+                    return
+        finally:
+            self.emit = emit
+
     def end(self, finish: Finish, error: str = "") -> None:
         """Finishes the sequence without a new token (cancelled, or failed)."""
         if self.finished:

@@ -22,7 +22,13 @@ from meshserve.worker.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_mo
 from meshserve.worker.engine import Engine, set_threads
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sampler import resumed_generator
-from meshserve.worker.sequence import NORMAL_PRIORITY, Finish, SamplingOptions, SequenceOutput, TokenLogprob
+from meshserve.worker.sequence import (
+    NORMAL_PRIORITY,
+    Finish,
+    SamplingOptions,
+    SequenceOutput,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +101,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
         if resumed:  # failover: continue after the tokens the caller already has
-            sequence.output_ids = resumed
-            sequence.detokenizer = model.tokenizer.detokenizer(prompt + resumed)
+            sequence.replay(resumed)
+            if sequence.finished:
+                raise invalid_argument([("resume_token_ids", "the sequence already ended within these tokens")])
             if not options.greedy:
                 sequence.generator = resumed_generator(options.seed, len(resumed), model.runner.vocab_size)
         try:

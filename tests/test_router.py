@@ -235,8 +235,8 @@ def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thre
             finish = chunk.finish_reason or finish
             if len(tokens) >= 40 and all(p.poll() is None for p in processes):
                 stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-                serving = next(i for i, w in enumerate(stats.workers) if w.in_flight)
-                processes[serving].send_signal(signal.SIGKILL)
+                serving = next(w.address for w in stats.workers if w.in_flight)
+                processes[addresses.index(serving)].send_signal(signal.SIGKILL)
         assert tokens == reference
         assert finish == common_pb2.FINISH_REASON_LENGTH
         assert stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).failovers == 1

@@ -230,13 +230,15 @@ def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thre
 
         tokens: list[int] = []
         finish = None
+        killed = False
         for chunk in stub.Generate(request, timeout=WAIT_S):
             tokens.extend(chunk.token_ids)
             finish = chunk.finish_reason or finish
-            if len(tokens) >= 40 and all(p.poll() is None for p in processes):
+            if len(tokens) >= 20 and not killed:  # once: a just-killed process still polls as alive
                 stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
                 serving = next(w.address for w in stats.workers if w.in_flight)
                 processes[addresses.index(serving)].send_signal(signal.SIGKILL)
+                killed = True
         assert tokens == reference
         assert finish == common_pb2.FINISH_REASON_LENGTH
         assert stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).failovers == 1

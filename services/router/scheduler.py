@@ -77,7 +77,8 @@ class Scheduler:
     async def _dispatch_forever(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+                async with asyncio.timeout(TICK_S):  # no inner task to outlive a cancelled loop
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

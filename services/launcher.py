@@ -118,12 +118,12 @@ def _spawn(name: str, address: str, command: list[str], log_dir: Path) -> Child:
             stdin=subprocess.DEVNULL,
             # Own session: Ctrl-C reaches only the launcher, which stops the services in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     return Child(name, address, process, log_path)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the child gets SIGTERM if the launcher dies without cleaning up (e.g. SIGKILL)."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1

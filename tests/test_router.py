@@ -198,31 +198,43 @@ def test_prefix_affinity_still_spreads_load(loop_thread):
     assert all(w.dispatched >= 1 for w in stats.workers), [w.dispatched for w in stats.workers]
 
 
-def start_worker_process(port: int, env: dict) -> subprocess.Popen:
+def start_worker_process(port: int, env: dict, log_path) -> subprocess.Popen:
     from meshserve.launcher import die_with_parent
 
-    return subprocess.Popen(
-        [sys.executable, "-m", "meshserve.cli", "worker", "--port", str(port), "--threads", "1"],
-        env=env,
-        preexec_fn=die_with_parent,  # no orphan workers even if the test process is killed
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "meshserve.cli", "worker", "--port", str(port), "--threads", "1"],
+            env=env,
+            preexec_fn=die_with_parent,  # no orphan workers even if the test process is killed
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for_worker_process(address: str, process: subprocess.Popen, log_path) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"worker {address} exited ({process.returncode}):\n{log_path.read_text()}")
+        if wait_until_serving(address, timeout=1):
+            return
+    raise AssertionError(f"worker {address} never became ready:\n{log_path.read_text()}")
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "seed": 5}], ids=["greedy", "seeded"])
-def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thread, cache_dir, sampling):
+def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thread, cache_dir, tmp_path, sampling):
     from meshserve.config import RouterConfig
     from meshserve.router.server import start_router
 
     env = {**os.environ, "MESHSERVE_CACHE": str(cache_dir)}
     ports = free_ports(3)
-    processes = [start_worker_process(port, env) for port in ports]
+    logs = [tmp_path / f"worker-{port}.log" for port in ports]
+    processes = [start_worker_process(port, env, log) for port, log in zip(ports, logs, strict=True)]
     addresses = [f"127.0.0.1:{port}" for port in ports]
     router = None
     try:
-        for address in addresses:
-            assert wait_until_serving(address, timeout=120), f"worker {address} never became ready"
+        for address, process, log in zip(addresses, processes, logs, strict=True):
+            wait_for_worker_process(address, process, log)
         router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=",".join(addresses))))
         stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
         wait_for_workers_up(stub, 3)

@@ -334,3 +334,40 @@ def test_kubernetes_discovery_reads_ready_endpoints_of_the_service():
         "10.0.0.5:9000",
         "[fd00::7]:9000",
     }
+
+
+def test_a_draining_worker_gets_no_new_work(loop_thread):
+    from meshserve.config import RouterConfig, WorkerConfig
+    from meshserve.router.server import start_router
+    from meshserve.worker.server import start_worker
+
+    workers = [
+        loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=2, threads=1)))
+        for _ in range(2)
+    ]
+    addresses = ",".join(w.address for w in workers)
+    router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=addresses)))
+    try:
+        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
+        wait_for_workers_up(stub, 2)
+        for drain in workers[0].on_drain:  # what SIGTERM does first, without stopping the server
+            drain()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stats = {w.address: w for w in stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).workers}
+            if stats[workers[0].address].draining:
+                break
+            time.sleep(0.02)
+        assert stats[workers[0].address].draining and not stats[workers[0].address].up
+        recorder = Recorder(stub)
+        for i in range(4):
+            recorder.send(f"r{i}", token_request([5, 6 + i], 4))
+        recorder.join()
+        assert not recorder.errors and len(recorder.completed) == 4
+        stats = {w.address: w for w in stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).workers}
+        assert stats[workers[0].address].dispatched == 0
+        assert stats[workers[1].address].dispatched == 4
+    finally:
+        loop_thread.run(router.stop(0))
+        for worker in workers:
+            loop_thread.run(worker.stop(0))

@@ -179,10 +179,15 @@ def test_a_deadline_shorter_than_the_queue_wait_never_reaches_a_worker(loop_thre
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.Generate(token_request([7, 8], 4), timeout=0.3))
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        after = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            after = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+            if after.deadline_exceeded:
+                break
+            time.sleep(0.02)
         recorder.join()
     assert after.dispatched == before.dispatched
-    assert after.deadline_exceeded == 1 or caught.value.details() == "Deadline Exceeded"
+    assert after.deadline_exceeded == 1
     assert sum(q.queued for q in after.queues) == 0
 
 

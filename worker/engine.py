@@ -74,7 +74,6 @@ class Engine:
         self._generated_tokens = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self._load = self._snapshot()
-        self.steps = 0
 
     @property
     def max_num_seqs(self) -> int:
@@ -163,7 +162,6 @@ class Engine:
             sequence = self.scheduler.waiting[0]
             needed = self.block_manager.blocks_needed(sequence.num_tokens)
             self._end(sequence, Finish.ERROR, f"needs {needed} KV blocks; the pool has {self.block_manager.num_blocks}")
-        self.steps += 1
         self._publish_load()
 
     def _run(self, chunks: list[ScheduledChunk]) -> None:

@@ -99,14 +99,9 @@ class RequestQueue:
         if pending in self._pending:
             self._pending.remove(pending)
 
-    def in_order(self, now: float | None = None) -> list[Pending]:
-        """Every queued request, best first."""
-        now = time.monotonic() if now is None else now
-        return sorted(self._pending, key=lambda p: self._rank(p, now))
-
     def best(self, skip_models: set[str], now: float, classes: tuple[int, ...] | None = None) -> Pending | None:
-        """The first request in order whose model is not in skip_models, of the given classes only if set
-        (one pass, no sort)."""
+        """The first request in the order above whose model is not in skip_models, of the given classes
+        only if set (one pass, no sort)."""
         candidates = self._pending
         if skip_models or classes:
             candidates = [
@@ -140,11 +135,11 @@ class RequestQueue:
         )
 
     def _join_fairly(self, pending: Pending) -> None:
-        key = (pending.priority, pending.tenant)
-        active = {p.tenant for p in self._pending if p.priority == pending.priority} - {pending.tenant}
-        if active and pending.tenant not in {p.tenant for p in self._pending if p.priority == pending.priority}:
-            floor = min(self._served[(pending.priority, t)] for t in active)
-            self._served[key] = max(self._served[key], floor)
+        """A tenant that becomes active starts at the least-served active tenant of its class."""
+        active = {p.tenant for p in self._pending if p.priority == pending.priority}
+        if active and pending.tenant not in active:
+            floor = min(self._served[(pending.priority, tenant)] for tenant in active)
+            self._served[pending.fair_key] = max(self._served[pending.fair_key], floor)
 
     def _eviction_victim(self, priority: int) -> Pending | None:
         for sheddable in SHEDDABLE:

@@ -22,6 +22,7 @@ from meshserve.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+DEADLINE_SLACK_S = 0.05  # a cancellation this close to the deadline is the deadline
 OVERFLOW = 2
 OVERFLOW_CLASSES = (common_pb2.PRIORITY_CRITICAL, common_pb2.PRIORITY_HIGH)
 
@@ -51,8 +52,14 @@ class Scheduler:
         """Queues the request and waits for a worker (counted in flight on it until release())."""
         self.queue.push(pending)
         self.wake()
+        deadline = time.monotonic() + timeout if timeout is not None else None
         try:
             return await asyncio.wait_for(asyncio.shield(pending.assigned), timeout)
+        except asyncio.CancelledError:
+            # gRPC cancels the call when its deadline passes, often just before our own timer fires.
+            if deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
+                self.deadline_exceeded += 1
+            raise
         except TimeoutError:
             self.deadline_exceeded += 1
             waited = time.monotonic() - pending.enqueued_at

@@ -15,6 +15,9 @@ PRIORITIES = ["critical", "high", "normal", "low", "batch"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from meshserve.launcher import die_with_parent
+
+    die_with_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

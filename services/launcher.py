@@ -118,16 +118,32 @@ def _spawn(name: str, address: str, command: list[str], log_dir: Path) -> Child:
             stdin=subprocess.DEVNULL,
             # Own session: Ctrl-C reaches only the launcher, which stops the services in order.
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            env=child_env(),
         )
     return Child(name, address, process, log_path)
 
 
+PARENT_PID_ENV = "MESHSERVE_PARENT_PID"
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a service process that must not outlive this one (see `die_with_parent`)."""
+    return {**(os.environ if base is None else base), PARENT_PID_ENV: str(os.getpid())}
+
+
 def die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the launcher dies without cleaning up (e.g. SIGKILL)."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    """Linux: arm SIGTERM for when the parent named in the environment dies without cleaning up (e.g. SIGKILL).
+
+    The child arms it itself at start-up rather than through `preexec_fn`: code run between fork and exec
+    in a parent with threads (gRPC, torch) can crash or deadlock the child.
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _wait_ready(child: Child, children: list[Child], timeout: float, stop: list[int]) -> bool:

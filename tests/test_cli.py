@@ -108,3 +108,35 @@ def test_generate_says_clearly_when_the_mesh_is_not_running(env):
     )  # fmt: skip
     assert result.returncode == 3
     assert "cannot reach the gateway" in result.stderr and "meshserve up" in result.stderr
+
+
+def test_a_service_process_dies_with_a_launcher_that_is_killed(env, tmp_path):
+    # The launcher stands in for `meshserve up` killed with SIGKILL: it cannot stop its children itself.
+    (port,) = free_ports(1)
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(
+        "import subprocess, sys, time\n"
+        "from meshserve.launcher import child_env\n"
+        f"child = subprocess.Popen([sys.executable, '-m', 'meshserve.cli', 'router', '--port', '{port}',"
+        " '--workers', '127.0.0.1:1'], env=child_env())\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(launcher)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        from meshserve.channels import health_status
+
+        deadline = time.monotonic() + 60
+        while health_status(f"127.0.0.1:{port}", timeout=1.0) != "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while process_alive(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_alive(child_pid), "the router outlived its killed launcher"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()

@@ -204,13 +204,12 @@ def test_prefix_affinity_still_spreads_load(loop_thread):
 
 
 def start_worker_process(port: int, env: dict, log_path) -> subprocess.Popen:
-    from meshserve.launcher import die_with_parent
+    from meshserve.launcher import child_env
 
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "meshserve.cli", "worker", "--port", str(port), "--threads", "1"],
-            env=env,
-            preexec_fn=die_with_parent,  # no orphan workers even if the test process is killed
+            env=child_env(env),  # no orphan workers even if the test process is killed
             stdout=log,
             stderr=subprocess.STDOUT,
         )

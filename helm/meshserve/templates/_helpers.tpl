@@ -1,0 +1,102 @@
+{{/* Names and labels, as `helm create` makes them. */}}
+
+{{- define "meshserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "meshserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The name of one component's objects: <fullname>-<component> (at most 63 characters). */}}
+{{- define "meshserve.componentName" -}}
+{{- printf "%s-%s" (include "meshserve.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "meshserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshserve.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.labels" -}}
+helm.sh/chart: {{ include "meshserve.chart" .root }}
+{{ include "meshserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: meshserve
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.routerServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "meshserve.componentName" (dict "root" . "component" "router")) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.apiKeysSecretName" -}}
+{{- default (printf "%s-api-keys" (include "meshserve.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* The CPU image, or the GPU worker image for GPU workers: (dict "root" $ "gpu" bool). */}}
+{{- define "meshserve.image" -}}
+{{- $v := .root.Values }}
+{{- if .gpu }}
+{{- printf "%s:%s" $v.worker.gpu.image.repository (default .root.Chart.AppVersion $v.worker.gpu.image.tag) }}
+{{- else }}
+{{- printf "%s:%s" $v.image.repository (default .root.Chart.AppVersion $v.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds the kubelet waits after the preStop hook began: the hook, the service's drain, and time to exit. */}}
+{{- define "meshserve.terminationGrace" -}}
+{{- add .preStopSleepSeconds .drainSeconds 10 }}
+{{- end }}
+
+{{/* Values the chart refuses even though each one alone is well typed. */}}
+{{- define "meshserve.validate" -}}
+{{- $v := .Values }}
+{{- if and $v.tracing.enabled (eq $v.tracing.exporter "otlp") (not $v.tracing.endpoint) }}
+{{- fail "tracing.endpoint: the otlp exporter needs the collector's address, e.g. http://otel-collector.observability:4317" }}
+{{- end }}
+{{- if and (eq $v.model.source "pvc") (not $v.model.pvc.claimName) }}
+{{- fail "model.pvc.claimName: model.source is pvc, so name the PersistentVolumeClaim that holds the model" }}
+{{- end }}
+{{- if and (eq $v.model.source "hostPath") (not $v.model.hostPath.path) }}
+{{- fail "model.hostPath.path: model.source is hostPath, so give the node directory that holds the model" }}
+{{- end }}
+{{- if and (eq $v.model.source "init") (not $v.model.init.command) }}
+{{- fail "model.init.command: model.source is init, so give the command that writes the model into /models" }}
+{{- end }}
+{{- if and (eq $v.router.discovery "kubernetes") (not $v.rbac.create) (not $v.serviceAccount.name) }}
+{{- fail "router.discovery: kubernetes discovery reads EndpointSlices; keep rbac.create true, name a serviceAccount.name that may, or use dns" }}
+{{- end }}
+{{- range $component := list "gateway" "router" "aggregator" "worker" }}
+{{- $c := index $v $component }}
+{{- if and $c.autoscaling.enabled (lt (int $c.autoscaling.maxReplicas) (int $c.autoscaling.minReplicas)) }}
+{{- fail (printf "%s.autoscaling.maxReplicas (%v) must be at least minReplicas (%v)" $component $c.autoscaling.maxReplicas $c.autoscaling.minReplicas) }}
+{{- end }}
+{{- end }}
+{{- if and $v.worker.autoscaling.enabled (not (or $v.worker.autoscaling.waitingSequences.enabled $v.worker.autoscaling.kvCacheUsage.enabled)) }}
+{{- fail "worker.autoscaling: enable waitingSequences or kvCacheUsage (workers never scale on CPU), or turn autoscaling off" }}
+{{- end }}
+{{- end }}

@@ -1,4 +1,7 @@
-"""Merging several streams into one: items leave as they arrive; a slow stream never holds up a fast one."""
+"""Merging several streams into one: items leave as they arrive; a slow stream never holds up a fast one.
+
+Order within each stream is kept because one task pumps each stream into a shared queue in order.
+"""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/inference.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x91\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.meshserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12(\n\x08priority\x18\x07 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05input\"\xc1\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\"\x88\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.Completion\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.meshserve.v1.Usage\"\xf0\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob2\x80\x02\n\tInference\x12I\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.meshserve.v1.GenerateRequest\x1a$.meshserve.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/inference.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb4\x01\n\nBatchInput\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.meshserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParamsB\x07\n\x05input\"7\n\x0b\x42\x61tchInputs\x12(\n\x06inputs\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.BatchInput\"\x92\x01\n\tMapReduce\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x0cmap_template\x18\x02 \x01(\t\x12\x17\n\x0freduce_template\x18\x03 \x01(\t\x12\x14\n\x0c\x63hunk_tokens\x18\x04 \x01(\r\x12\x32\n\x0cmap_sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\"\xda\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.meshserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12*\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x19.meshserve.v1.BatchInputsH\x00\x12-\n\nmap_reduce\x18\n \x01(\x0b\x32\x17.meshserve.v1.MapReduceH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12(\n\x08priority\x18\x07 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x65st_of\x18\x0b \x01(\r\x12\x0e\n\x06\x64\x65\x64upe\x18\x0c \x01(\x08\x12\x16\n\x0eorder_by_score\x18\r \x01(\x08\x12\x33\n\x0e\x66\x61ilure_policy\x18\x0e \x01(\x0e\x32\x1b.meshserve.v1.FailurePolicyB\x07\n\x05input\"\x98\x02\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12)\n\x06\x65rrors\x18\x07 \x03(\x0b\x32\x19.meshserve.v1.ErrorStatus\x12\x19\n\x0cmean_logprob\x18\x08 \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_mean_logprob\"\x88\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.Completion\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.meshserve.v1.Usage\"\xc6\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.meshserve.v1.ErrorStatus\x12\x19\n\x0cmean_logprob\x18\n \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_mean_logprob2\x80\x02\n\tInference\x12I\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.meshserve.v1.GenerateRequest\x1a$.meshserve.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_end=132
   _globals['_TOKENIDS']._serialized_start=134
   _globals['_TOKENIDS']._serialized_end=157
-  _globals['_GENERATEREQUEST']._serialized_start=160
-  _globals['_GENERATEREQUEST']._serialized_end=433
-  _globals['_COMPLETION']._serialized_start=436
-  _globals['_COMPLETION']._serialized_end=629
-  _globals['_GENERATERESPONSE']._serialized_start=632
-  _globals['_GENERATERESPONSE']._serialized_end=768
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=771
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1011
-  _globals['_INFERENCE']._serialized_start=1014
-  _globals['_INFERENCE']._serialized_end=1270
+  _globals['_BATCHINPUT']._serialized_start=160
+  _globals['_BATCHINPUT']._serialized_end=340
+  _globals['_BATCHINPUTS']._serialized_start=342
+  _globals['_BATCHINPUTS']._serialized_end=397
+  _globals['_MAPREDUCE']._serialized_start=400
+  _globals['_MAPREDUCE']._serialized_end=546
+  _globals['_GENERATEREQUEST']._serialized_start=549
+  _globals['_GENERATEREQUEST']._serialized_end=1023
+  _globals['_COMPLETION']._serialized_start=1026
+  _globals['_COMPLETION']._serialized_end=1306
+  _globals['_GENERATERESPONSE']._serialized_start=1309
+  _globals['_GENERATERESPONSE']._serialized_end=1445
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1448
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1774
+  _globals['_INFERENCE']._serialized_start=1777
+  _globals['_INFERENCE']._serialized_end=2033
 # @@protoc_insertion_point(module_scope)

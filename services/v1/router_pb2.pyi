@@ -40,18 +40,42 @@ class WorkerStats(_message.Message):
     dispatched: int
     def __init__(self, address: _Optional[str] = ..., up: _Optional[bool] = ..., draining: _Optional[bool] = ..., in_flight: _Optional[int] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_worker_pb2.LoadReport, _Mapping]] = ..., dispatched: _Optional[int] = ...) -> None: ...
 
+class ParentStats(_message.Message):
+    __slots__ = ("parent_id", "in_flight", "workers", "dispatched", "finished", "peak_in_flight", "peak_workers", "priority", "tenant")
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    PEAK_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PEAK_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    parent_id: str
+    in_flight: int
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    dispatched: int
+    finished: int
+    peak_in_flight: int
+    peak_workers: int
+    priority: _common_pb2.Priority
+    tenant: str
+    def __init__(self, parent_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., dispatched: _Optional[int] = ..., finished: _Optional[int] = ..., peak_in_flight: _Optional[int] = ..., peak_workers: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
 class RouterStats(_message.Message):
-    __slots__ = ("queues", "workers", "dispatched", "shed", "deadline_exceeded", "failovers")
+    __slots__ = ("queues", "workers", "dispatched", "shed", "deadline_exceeded", "failovers", "parents")
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_FIELD_NUMBER: _ClassVar[int]
     SHED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     queues: _containers.RepeatedCompositeFieldContainer[QueueStats]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     dispatched: int
     shed: int
     deadline_exceeded: int
     failovers: int
-    def __init__(self, queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., dispatched: _Optional[int] = ..., shed: _Optional[int] = ..., deadline_exceeded: _Optional[int] = ..., failovers: _Optional[int] = ...) -> None: ...
+    parents: _containers.RepeatedCompositeFieldContainer[ParentStats]
+    def __init__(self, queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., dispatched: _Optional[int] = ..., shed: _Optional[int] = ..., deadline_exceeded: _Optional[int] = ..., failovers: _Optional[int] = ..., parents: _Optional[_Iterable[_Union[ParentStats, _Mapping]]] = ...) -> None: ...

@@ -30,7 +30,9 @@ async def mesh_tokens_per_second(concurrency: int, max_tokens: int, threads: int
     worker = await start_worker(WorkerConfig(host=host, port=0, max_num_seqs=concurrency, threads=threads))
     router = await start_router(RouterConfig(host=host, port=0, workers=worker.address))
     # n = 1 only: the aggregator is not on this path.
-    gateway = await start_gateway(GatewayConfig(host=host, port=0, router=router.address, aggregator="127.0.0.1:1"))
+    gateway = await start_gateway(
+        GatewayConfig(host=host, port=0, http_port=-1, router=router.address, aggregator="127.0.0.1:1")
+    )
     channel = aio_channel(gateway.address)
     stub = inference_pb2_grpc.InferenceStub(channel)
     try:

@@ -10,6 +10,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshserve.telemetry import client_interceptors
+
 # Tokenizer files travel in ModelInfo; large vocabularies reach tens of MB.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -23,7 +25,8 @@ CHANNEL_OPTIONS = [
 
 
 def aio_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel to another service; calls on it carry the caller's trace context."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
 
 
 def sync_channel(address: str) -> grpc.Channel:

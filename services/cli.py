@@ -44,6 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=cfg.FIRST_WORKER_PORT,
         help="first worker's port; the rest count up",
     )
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=cfg.GATEWAY_METRICS_PORT,
+        help=(
+            "the gateway's Prometheus /metrics port; router +1, aggregator +2, "
+            f"worker i +{cfg.WORKER_METRICS_OFFSET}+i (0: no metrics)"
+        ),
+    )
+    up.add_argument(
+        "--trace",
+        choices=["none", "console", "otlp"],
+        default="",
+        help="trace exporter of every service (default: from the OTEL_* variables, else none)",
+    )
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=cfg.GATEWAY_HTTP_PORT,
+        help="the gateway's HTTP port: OpenAI-compatible API and chat page (-1: none)",
+    )
     up.add_argument("--log-dir", default="", help="where each service's log goes (default: <cache>/logs)")
     up.add_argument("--start-timeout", type=float, default=300.0, help="seconds each service gets to become ready")
     up.set_defaults(run=_run_up)
@@ -68,12 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="", help="model name (default: the only one served)")
     generate.add_argument("--gateway", default=_env("GATEWAY", f"{cfg.DEFAULT_HOST}:{cfg.GATEWAY_PORT}"))
     generate.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    generate.add_argument("--api-key", default=_env("API_KEY", ""), help="API key of a gateway that requires one")
     generate.set_defaults(run=_run_generate)
 
     status = commands.add_parser("status", help="health of each service of the local mesh and the models served")
     status.add_argument("--gateway", default=None, help="gateway address (default: from `meshserve up`, else :50051)")
     status.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for every service")
+    status.add_argument("--api-key", default=_env("API_KEY", ""), help="API key of a gateway that requires one")
     status.set_defaults(run=_run_status)
+
+    hash_key = commands.add_parser(
+        "hash-key", help="print the API-keys-file entry of a key (a new random key when none is given)"
+    )
+    hash_key.add_argument("key", nargs="?", default=None, help="the key; - reads it from standard input")
+    hash_key.add_argument("--tenant", default="default", help="tenant name (letters, digits, . _ -)")
+    hash_key.add_argument("--max-priority", choices=PRIORITIES, default="normal", help="highest priority allowed")
+    hash_key.add_argument("--requests-per-second", type=float, default=0.0, help="0: unlimited")
+    hash_key.add_argument("--tokens-per-minute", type=float, default=0.0, help="prompt + completion; 0: unlimited")
+    hash_key.set_defaults(run=_run_hash_key)
 
     model = commands.add_parser("builtin-model", help="create the built-in tiny model (if needed) and print its path")
     model.set_defaults(run=_run_builtin_model)
@@ -101,18 +134,35 @@ def _service_runner(
         import importlib
 
         from meshserve.logs import setup_logging
+        from meshserve.metrics import serve_metrics
         from meshserve.server import serve_until_signalled
+        from meshserve.telemetry import setup_tracing
 
         config = cfg.from_args(config_type, args)
         setup_logging(name, config.log_level, config.log_file)
+        stop_tracing = setup_tracing(name, config.trace)
         module_name, function_name = starter.split(":")
         start: Callable[[Any], Awaitable[Any]] = getattr(importlib.import_module(module_name), function_name)
 
         async def serve() -> None:
             running = await start(config)
-            await serve_until_signalled(running, name, config.drain_seconds)
+            endpoint = None
+            if config.metrics_port:
+                try:
+                    endpoint = serve_metrics(running.metrics, config.host, config.metrics_port)
+                except SystemExit:
+                    await running.stop(0)
+                    raise
+            try:
+                await serve_until_signalled(running, name, config.drain_seconds)
+            finally:
+                if endpoint:
+                    endpoint.close()
 
-        asyncio.run(serve())
+        try:
+            asyncio.run(serve())
+        finally:
+            stop_tracing()  # exports the spans still buffered
         return 0
 
     return run
@@ -134,6 +184,35 @@ def _run_status(args: argparse.Namespace) -> int:
     from meshserve.client import status_command
 
     return status_command(args)
+
+
+def _run_hash_key(args: argparse.Namespace) -> int:
+    import json
+    import secrets
+
+    from meshserve.gateway.auth import hash_key, parse_keys
+
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    if key is None:
+        key = "ms-" + secrets.token_urlsafe(32)
+        print(f"new API key (keep it now: the file holds only its hash): {key}", file=sys.stderr)
+    if not key:
+        print("meshserve: the key is empty", file=sys.stderr)
+        return 2
+    entry = {
+        "name": args.tenant,
+        "max_priority": args.max_priority,
+        "requests_per_second": args.requests_per_second,
+        "tokens_per_minute": args.tokens_per_minute,
+        "key_sha256": [hash_key(key)],
+    }
+    try:
+        parse_keys({"tenants": [entry]})
+    except ValueError as exc:
+        print(f"meshserve: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(entry))
+    return 0
 
 
 def _run_builtin_model(args: argparse.Namespace) -> int:

@@ -60,9 +60,9 @@ def generate_command(args: argparse.Namespace) -> int:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             if args.stream:
-                _print_stream(stub.GenerateStream(request, timeout=args.timeout), args.n)
+                _print_stream(stub.GenerateStream(request, timeout=args.timeout, metadata=_credentials(args)), args.n)
             else:
-                reply = stub.Generate(request, timeout=args.timeout)
+                reply = stub.Generate(request, timeout=args.timeout, metadata=_credentials(args))
                 for completion in reply.completions:
                     if args.n > 1:
                         print(f"--- [{completion.index}] ({FINISH_NAMES.get(completion.finish_reason, '?')})")
@@ -74,6 +74,12 @@ def generate_command(args: argparse.Namespace) -> int:
             print("\nmeshserve: cancelled", file=sys.stderr)
             return 130
     return 0
+
+
+def _credentials(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The gateway's API key as gRPC metadata (`authorization: Bearer KEY`), when one is given."""
+    key = getattr(args, "api_key", "")
+    return [("authorization", f"Bearer {key}")] if key else []
 
 
 def _print_stream(stream: grpc.Call, n: int) -> None:
@@ -165,11 +171,15 @@ def status_command(args: argparse.Namespace) -> int:
     gateway = dict(services).get("gateway", args.gateway)
     if statuses.get("gateway") == "SERVING":
         with sync_channel(gateway) as channel:
-            reply = inference_pb2_grpc.InferenceStub(channel).ListModels(
-                common_pb2.ListModelsRequest(names_only=True), timeout=5
-            )
-        for model in reply.models:
-            print(f"model        {model.name:<22} context {model.max_context_length} tokens")
+            try:
+                reply = inference_pb2_grpc.InferenceStub(channel).ListModels(
+                    common_pb2.ListModelsRequest(names_only=True), timeout=5, metadata=_credentials(args)
+                )
+            except grpc.RpcError as exc:  # e.g. UNAUTHENTICATED: the gateway wants --api-key
+                print(f"models       {exc.code().name}: {exc.details()}")
+            else:
+                for model in reply.models:
+                    print(f"model        {model.name:<22} context {model.max_context_length} tokens")
     router = dict(services).get("router")
     if router and statuses.get("router") == "SERVING":
         print_router_stats(router)

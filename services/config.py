@@ -20,6 +20,12 @@ GATEWAY_HTTP_PORT = 8000
 ROUTER_PORT = 50052
 AGGREGATOR_PORT = 50053
 FIRST_WORKER_PORT = 50061
+# Prometheus /metrics, one port per service so a whole mesh fits on one machine.
+GATEWAY_METRICS_PORT = 9400
+ROUTER_METRICS_PORT = 9401
+AGGREGATOR_METRICS_PORT = 9402
+WORKER_METRICS_PORT = 9410
+WORKER_METRICS_OFFSET = WORKER_METRICS_PORT - GATEWAY_METRICS_PORT
 
 
 def cache_dir() -> Path:
@@ -34,6 +40,10 @@ def _help(text: str) -> dict[str, Any]:
     return {"help": text}
 
 
+def _metrics_port(default: int) -> Any:
+    return field(default=default, metadata=_help("port of the Prometheus /metrics endpoint (0: none)"))
+
+
 @dataclass
 class ServerConfig:
     host: str = field(default=DEFAULT_HOST, metadata=_help("address to listen on"))
@@ -42,11 +52,17 @@ class ServerConfig:
     log_file: str = field(default="", metadata=_help("append JSON logs to this file instead of stderr"))
     # SIGTERM drains: no new work, in-flight streams get this long to finish.
     drain_seconds: float = field(default=30.0, metadata=_help("seconds in-flight calls get to finish on SIGTERM"))
+    metrics_port: int = _metrics_port(0)
+    trace: str = field(
+        default="",
+        metadata=_help("trace exporter: none, console or otlp (empty: from the OTEL_* variables, else none)"),
+    )
 
 
 @dataclass
 class WorkerConfig(ServerConfig):
     port: int = field(default=FIRST_WORKER_PORT, metadata=_help("gRPC port"))
+    metrics_port: int = _metrics_port(WORKER_METRICS_PORT)
     model: str = field(default="", metadata=_help("Hugging Face model directory (default: the built-in tiny model)"))
     model_name: str = field(
         default="", metadata=_help("name the model is served under (default: the directory's name)")
@@ -74,6 +90,7 @@ class WorkerConfig(ServerConfig):
 @dataclass
 class RouterConfig(ServerConfig):
     port: int = field(default=ROUTER_PORT, metadata=_help("gRPC port"))
+    metrics_port: int = _metrics_port(ROUTER_METRICS_PORT)
     workers: str = field(
         default=f"{DEFAULT_HOST}:{FIRST_WORKER_PORT}",
         metadata=_help(
@@ -93,21 +110,43 @@ class RouterConfig(ServerConfig):
 @dataclass
 class AggregatorConfig(ServerConfig):
     port: int = field(default=AGGREGATOR_PORT, metadata=_help("gRPC port"))
+    metrics_port: int = _metrics_port(AGGREGATOR_METRICS_PORT)
     router: str = field(default=f"{DEFAULT_HOST}:{ROUTER_PORT}", metadata=_help("router address"))
-    max_n: int = field(default=64, metadata=_help("most sub-requests one request may fan out into"))
+    max_n: int = field(
+        default=64,
+        metadata=_help("most sub-requests one request may fan out into (inputs x best_of, or map chunks)"),
+    )
+    tenant_max_in_flight: int = field(
+        default=256, metadata=_help("most sub-requests one tenant's requests may have running at once")
+    )
+    model_refresh_seconds: float = field(
+        default=30.0, metadata=_help("how often to re-read the served models (map-reduce tokenises)")
+    )
 
 
 @dataclass
 class GatewayConfig(ServerConfig):
     port: int = field(default=GATEWAY_PORT, metadata=_help("gRPC port"))
+    metrics_port: int = _metrics_port(GATEWAY_METRICS_PORT)
     http_port: int = field(
-        default=GATEWAY_HTTP_PORT, metadata=_help("HTTP port for the OpenAI-compatible API (not served yet)")
+        default=GATEWAY_HTTP_PORT,
+        metadata=_help("HTTP port for the OpenAI-compatible API and the chat page (0 picks a free one, -1: none)"),
     )
     router: str = field(default=f"{DEFAULT_HOST}:{ROUTER_PORT}", metadata=_help("router address"))
     aggregator: str = field(default=f"{DEFAULT_HOST}:{AGGREGATOR_PORT}", metadata=_help("aggregator address"))
     default_max_tokens: int = field(default=256, metadata=_help("max_tokens when a request leaves it unset"))
     max_n: int = field(default=64, metadata=_help("largest n a request may ask for"))
     model_refresh_seconds: float = field(default=30.0, metadata=_help("how often to re-read the served models"))
+    api_keys_file: str = field(
+        default="", metadata=_help("JSON file of tenants and SHA-256 hashes of their API keys (empty: no keys)")
+    )
+    allow_unauthenticated: bool = field(
+        default=False, metadata=_help("serve without API keys on an address other than loopback")
+    )
+    http_max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=_help("largest HTTP request body"))
+    http_timeout_seconds: float = field(
+        default=600.0, metadata=_help("deadline of an HTTP request in the mesh (HTTP has no deadline of its own)")
+    )
 
 
 C = TypeVar("C", bound=ServerConfig)
@@ -129,6 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[ServerConfi
             dest=f.name,
             type=_parser_for(f.type),
             default=None,
+            # A bare boolean flag (--allow-unauthenticated) means true.
+            **({"nargs": "?", "const": True} if str(f.type) == "bool" else {}),
             help=f"{f.metadata.get('help', '')} [env {env_name(f.name)}, default {f.default!r}]",
         )
 

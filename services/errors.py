@@ -7,6 +7,7 @@ status unchanged, and turns anything unexpected into INTERNAL (logged with its t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -57,6 +58,54 @@ def unavailable(message: str, retry_after_seconds: float | None = None) -> MeshE
 
 def resource_exhausted(message: str, retry_after_seconds: float | None = None) -> MeshError:
     return retry_later(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_seconds)
+
+
+def unauthenticated(message: str) -> MeshError:
+    return MeshError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def permission_denied(message: str, reason: str, **metadata: str) -> MeshError:
+    """PERMISSION_DENIED with a google.rpc.ErrorInfo whose reason a program can match on."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain="meshserve", metadata=metadata)
+    return MeshError(grpc.StatusCode.PERMISSION_DENIED, message, [info])
+
+
+def not_found(field_name: str, why: str) -> MeshError:
+    """NOT_FOUND for a named thing that does not exist (a model); BadRequest names the field that named it."""
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field_name, description=why)
+    return MeshError(
+        grpc.StatusCode.NOT_FOUND, f"{field_name}: {why}", [error_details_pb2.BadRequest(field_violations=[violation])]
+    )
+
+
+# The HTTP status of each gRPC code (as google.rpc.Code documents them; 499 is "client closed request").
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+def retry_delay_seconds(error: MeshError) -> float | None:
+    """The delay of the error's RetryInfo, if it has one."""
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.RetryInfo):
+            return detail.retry_delay.ToMilliseconds() / 1000
+    return None
 
 
 def retry_later(code: grpc.StatusCode, message: str, retry_after_seconds: float | None) -> MeshError:
@@ -139,6 +188,19 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             await abort(context, _as_mesh_error(exc, method))
 
     return unary_wrapper
+
+
+def status_code_name(exc: BaseException | None) -> str:
+    """The gRPC status name a caller sees when a handler ends with `exc` (None: OK), for metrics and spans."""
+    if exc is None:
+        return "OK"
+    if isinstance(exc, MeshError):
+        return exc.code.name
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().name
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    return "INTERNAL"
 
 
 def _as_mesh_error(exc: Exception, method: Callable[..., Any]) -> MeshError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.channels import health_status
-from meshserve.config import cache_dir
+from meshserve.config import WORKER_METRICS_OFFSET, cache_dir
 
 STATE_FILE_NAME = "mesh.json"
 
@@ -64,13 +64,20 @@ def run_mesh(args: argparse.Namespace) -> int:
             (
                 "gateway",
                 gateway_address,
-                ["gateway", "--router", router_address, "--aggregator", aggregator_address],
+                [
+                    "gateway",
+                    *("--router", router_address, "--aggregator", aggregator_address),
+                    *("--http-port", str(args.http_port)),
+                ],
             ),
         ]
         print(f"meshserve: starting {len(plan)} services (logs in {log_dir})", flush=True)
         for name, address, command in plan:
             port = address.rsplit(":", 1)[1]
-            children.append(_spawn(name, address, [*command, "--host", host, "--port", port], log_dir))
+            flags = ["--host", host, "--port", port, "--metrics-port", str(_metrics_port(name, args.metrics_port))]
+            if args.trace:
+                flags += ["--trace", args.trace]
+            children.append(_spawn(name, address, [*command, *flags], log_dir))
         # Workers load the model in parallel; the others start in a second or two.
         for child in children:
             if not _wait_ready(child, children, args.start_timeout, stop):
@@ -79,6 +86,9 @@ def run_mesh(args: argparse.Namespace) -> int:
         print("meshserve: the mesh is up", flush=True)
         for child in children:
             print(f"  {child.name:<12} {child.address:<22} pid {child.process.pid}", flush=True)
+        if args.http_port > 0:
+            web = f"http://{host if ':' not in host else f'[{host}]'}:{args.http_port}"
+            print(f"  chat page    {web}/    OpenAI-compatible API {web}/v1", flush=True)
         print('try: meshserve generate "Hello" --stream    (Ctrl-C stops the mesh)', flush=True)
         return _supervise(children, stop)
     finally:
@@ -86,6 +96,15 @@ def run_mesh(args: argparse.Namespace) -> int:
         state = state_file()
         if state.exists() and json.loads(state.read_text()).get("pid") == os.getpid():
             state.unlink()
+
+
+def _metrics_port(name: str, base: int) -> int:
+    """Gateway at base, router +1, aggregator +2, worker i at +WORKER_METRICS_OFFSET+i; 0 turns them all off."""
+    if not base:
+        return 0
+    if name.startswith("worker-"):
+        return base + WORKER_METRICS_OFFSET + int(name.removeprefix("worker-"))
+    return base + {"gateway": 0, "router": 1, "aggregator": 2}[name]
 
 
 def _build_builtin_model() -> None:

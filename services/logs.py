@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 
+from meshserve.telemetry import current_trace_ids
+
 # The request being served by the current task, so every log line of a request can be found.
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -28,6 +30,9 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id.get()
         if request_id:
             entry["request_id"] = request_id
+        trace_id, span_id = current_trace_ids()
+        if trace_id:
+            entry["trace_id"], entry["span_id"] = trace_id, span_id
         for key, value in getattr(record, "fields", {}).items():
             entry[key] = value
         if record.exc_info:

@@ -12,8 +12,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from meshserve.channels import CHANNEL_OPTIONS
+from meshserve.metrics import new_registry
+from meshserve.telemetry import server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ class RunningServer:
     address: str
     service_names: list[str]
     health: health.aio.HealthServicer
+    # The service's Prometheus metrics; the process entry point serves them on --metrics-port.
+    metrics: CollectorRegistry = field(default_factory=new_registry)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Called when stopping begins, before the grace period (e.g. to report draining to subscribers).
     on_drain: list[Callable[[], None]] = field(default_factory=list)
@@ -64,9 +69,16 @@ class RunningServer:
             await cleanup()
 
 
-async def start_server(host: str, port: int, servicers: Sequence[Servicer], *, serving: bool = True) -> RunningServer:
-    """Starts a grpc.aio server with health and reflection on host:port (port 0 picks a free one)."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+async def start_server(
+    host: str,
+    port: int,
+    servicers: Sequence[Servicer],
+    *,
+    serving: bool = True,
+    metrics: CollectorRegistry | None = None,
+) -> RunningServer:
+    """Starts a grpc.aio server with health, reflection and tracing on host:port (port 0 picks a free one)."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=server_interceptors())
     for servicer in servicers:
         servicer.add_to_server(servicer.implementation, server)
     health_servicer = health.aio.HealthServicer()
@@ -79,7 +91,9 @@ async def start_server(host: str, port: int, servicers: Sequence[Servicer], *, s
     except RuntimeError as exc:
         raise SystemExit(f"meshserve: cannot listen on {bind} ({exc}); is another process using the port?") from exc
     await server.start()
-    running = RunningServer(server, f"{bind.rsplit(':', 1)[0]}:{bound_port}", names, health_servicer)
+    running = RunningServer(
+        server, f"{bind.rsplit(':', 1)[0]}:{bound_port}", names, health_servicer, metrics or new_registry()
+    )
     await running.set_serving(serving)
     return running
 

@@ -111,7 +111,7 @@ def mesh(model_dir: Path, loop_thread: EventLoopThread) -> Iterator[Mesh]:
     servers["aggregator"] = loop_thread.run(start_aggregator(AggregatorConfig(host=host, port=0, router=router)))
     aggregator = servers["aggregator"].address
     servers["gateway"] = loop_thread.run(
-        start_gateway(GatewayConfig(host=host, port=0, router=router, aggregator=aggregator))
+        start_gateway(GatewayConfig(host=host, port=0, http_port=0, router=router, aggregator=aggregator))
     )
     gateway = servers["gateway"].address
     assert wait_until_serving(gateway, timeout=60), "the gateway never reported SERVING"

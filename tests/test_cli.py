@@ -56,15 +56,17 @@ def env(cache_dir, model_dir) -> dict[str, str]:
 
 
 def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
-    gateway, router, aggregator, worker = free_ports(4)
+    gateway, router, aggregator, worker, http = free_ports(5)
     up = subprocess.Popen(
         [*MESHSERVE, "up", "--workers", "2", "--port", str(gateway), "--router-port", str(router),
-         "--aggregator-port", str(aggregator), "--worker-port", str(worker), "--log-dir", str(tmp_path)],
+         "--aggregator-port", str(aggregator), "--worker-port", str(worker), "--log-dir", str(tmp_path),
+         "--metrics-port", "0", "--http-port", str(http)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         out, err = Output(up.stdout), Output(up.stderr)
         assert out.wait_for("Ctrl-C", timeout=180), out.text + err.text
+        assert f"chat page    http://127.0.0.1:{http}/" in out.text
         state = json.loads((Path(env["MESHSERVE_CACHE"]) / "mesh.json").read_text())
         pids = {s["name"]: s["pid"] for s in state["services"]}
         assert set(pids) == {"worker-0", "worker-1", "router", "aggregator", "gateway"}
@@ -118,7 +120,7 @@ def test_a_service_process_dies_with_a_launcher_that_is_killed(env, tmp_path):
         "import subprocess, sys, time\n"
         "from meshserve.launcher import child_env\n"
         f"child = subprocess.Popen([sys.executable, '-m', 'meshserve.cli', 'router', '--port', '{port}',"
-        " '--workers', '127.0.0.1:1'], env=child_env())\n"
+        " '--workers', '127.0.0.1:1', '--metrics-port', '0'], env=child_env())\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(120)\n"
     )

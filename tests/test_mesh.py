@@ -168,7 +168,6 @@ def test_reflection_lists_the_services(mesh, service, expected):
         ({"prompt": "hi", "sampling": {"temperature": -0.5}}, "sampling.temperature"),
         ({"prompt": "hi", "sampling": {"top_p": 1.5}}, "sampling.top_p"),
         ({"prompt": "hi", "sampling": {"top_p": 0.0}}, "sampling.top_p"),
-        ({"prompt": "hi", "model": "no-such-model"}, "model"),
         ({"prompt": "hi", "n": 1000}, "n"),
         ({"token_ids": {"ids": [10**6]}}, "token_ids"),
         ({"messages": {"messages": []}}, "messages"),

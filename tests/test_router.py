@@ -203,12 +203,15 @@ def test_prefix_affinity_still_spreads_load(loop_thread):
     assert all(w.dispatched >= 1 for w in stats.workers), [w.dispatched for w in stats.workers]
 
 
+MESHSERVE_WORKER = [sys.executable, "-m", "meshserve.cli", "worker", "--threads", "1"]
+
+
 def start_worker_process(port: int, env: dict, log_path) -> subprocess.Popen:
     from meshserve.launcher import child_env
 
     with open(log_path, "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "meshserve.cli", "worker", "--port", str(port), "--threads", "1"],
+            [*MESHSERVE_WORKER, "--port", str(port), "--metrics-port", "0"],
             env=child_env(env),  # no orphan workers even if the test process is killed
             stdout=log,
             stderr=subprocess.STDOUT,

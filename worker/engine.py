@@ -74,6 +74,8 @@ class Engine:
         self._generated_tokens = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self._load = self._snapshot()
+        # Called from the engine thread with the number of sequences of each step that ran (metrics).
+        self.on_step: Callable[[int], None] | None = None
 
     @property
     def max_num_seqs(self) -> int:
@@ -157,6 +159,8 @@ class Engine:
         chunks = self.scheduler.schedule()
         if chunks:
             self._run(chunks)
+            if self.on_step is not None:
+                self.on_step(len(chunks))
         elif self.scheduler.waiting and not self.scheduler.running:
             # Nothing runs, so the whole pool was free and the first in line still did not fit: it never will.
             sequence = self.scheduler.waiting[0]

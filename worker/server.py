@@ -10,16 +10,30 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from opentelemetry.trace import Span, Status, StatusCode
+from prometheus_client import CollectorRegistry
 
 from meshserve.config import WorkerConfig
-from meshserve.errors import MeshError, grpc_errors, invalid_argument, unavailable
+from meshserve.errors import MeshError, grpc_errors, invalid_argument, status_code_name, unavailable
 from meshserve.logs import current_request_id
+from meshserve.metrics import new_registry, priority_label
 from meshserve.sampling import sampling_violations, token_id_violations
 from meshserve.server import RunningServer, Servicer, start_server
+from meshserve.telemetry import (
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_SYSTEM,
+    GEN_AI_SYSTEM_NAME,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    tracer,
+)
 from meshserve.tokenizer import ModelTokenizer, read_tokenizer_files
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from meshserve.worker.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
 from meshserve.worker.engine import Engine, set_threads
+from meshserve.worker.metrics import WorkerMetrics
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sampler import resumed_generator
 from meshserve.worker.sequence import (
@@ -71,9 +85,70 @@ class LoadedModel:
         )
 
 
+class _SequenceTrace:
+    """One sequence's prefill span (arrival to first token) and decode span (first token to the end),
+    never a span per token, plus its latency metrics."""
+
+    def __init__(self, request: common_pb2.TokenRequest, model: str, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+        self.priority = priority_label(request.priority)
+        self.started = self.last = time.monotonic()
+        self.outcome: BaseException | None = None
+        self.attributes = {
+            GEN_AI_OPERATION_NAME: "text_completion",
+            GEN_AI_SYSTEM: GEN_AI_SYSTEM_NAME,
+            GEN_AI_REQUEST_MODEL: model,
+            GEN_AI_USAGE_INPUT_TOKENS: len(request.prompt_token_ids),
+            "meshserve.priority": self.priority,
+            "meshserve.resumed_tokens": len(request.resume_token_ids),
+        }
+        self.prefill = tracer.start_span("worker.prefill", attributes=self.attributes)
+        self.decode: Span | None = None
+        self.generated = 0
+
+    def tokens(self, count: int) -> None:
+        now = time.monotonic()
+        if self.decode is None:
+            self.prefill.end()
+            self.decode = tracer.start_span("worker.decode", attributes=self.attributes)
+            self.metrics.time_to_first_token.labels(self.priority).observe(now - self.started)
+        elif count:
+            for _ in range(count):  # per token, so the histogram counts tokens, not messages
+                self.metrics.inter_token_latency.observe((now - self.last) / count)
+        self.last = now
+        self.generated += count
+
+    def finished(self, output: SequenceOutput, preemptions: int) -> None:
+        self.metrics.prompt_tokens.inc(output.prompt_tokens)
+        self.metrics.cached_prompt_tokens.inc(output.cached_prompt_tokens)
+        if self.decode is not None:
+            self.decode.set_attributes(
+                {
+                    GEN_AI_USAGE_OUTPUT_TOKENS: output.completion_tokens,
+                    GEN_AI_RESPONSE_FINISH_REASONS: [output.finish.value if output.finish else ""],
+                    "meshserve.cached_prompt_tokens": output.cached_prompt_tokens,
+                    "meshserve.preemptions": preemptions,
+                }
+            )
+
+    def failed(self, exc: BaseException) -> None:
+        self.outcome = exc
+        span = self.decode or self.prefill
+        span.set_status(Status(StatusCode.ERROR, f"{status_code_name(exc)}: {exc}"))
+
+    def end(self) -> None:
+        if self.decode is None:
+            self.prefill.end()
+        else:
+            self.decode.set_attribute("meshserve.streamed_tokens", self.generated)
+            self.decode.end()
+        self.metrics.requests.labels(status_code_name(self.outcome)).inc()
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self) -> None:
+    def __init__(self, metrics_registry: CollectorRegistry) -> None:
         self.model: LoadedModel | None = None
+        self.metrics = WorkerMetrics(metrics_registry, lambda: self.model.engine.load() if self.model else None)
 
     def _loaded(self) -> LoadedModel:
         if self.model is None:
@@ -110,6 +185,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             model.engine.submit(sequence)
         except RuntimeError as exc:
             raise unavailable(f"the worker is shutting down ({exc}); retry on another worker") from exc
+        trace = _SequenceTrace(request, model.name, self.metrics)
         try:
             while True:
                 output = await outputs.get()
@@ -118,10 +194,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     output = _merge(output, outputs.get_nowait())
                 if output.error:
                     raise MeshError(grpc.StatusCode.INTERNAL, output.error)
+                trace.tokens(len(output.token_ids))
                 yield _chunk(request, output)
                 if output.finish is not None:
+                    trace.finished(output, sequence.num_preemptions)
                     return
+        except BaseException as exc:
+            trace.failed(exc)
+            raise
         finally:
+            trace.end()
             # Client cancelled, deadline passed or server stopping: the engine drops it at the next step.
             if not sequence.finished:
                 sequence.request_cancel()
@@ -155,6 +237,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if key != last or time.monotonic() - last_sent >= WATCH_HEARTBEAT_S:
                 yield _load_report(load)
                 last, last_sent = key, time.monotonic()
+            if load.draining and load.running_sequences + load.waiting_sequences == 0:
+                # Draining and idle: the subscriber has seen it; an open subscription would hold the server
+                # (and the pod's termination) until the drain timeout.
+                return
             await asyncio.sleep(interval)
 
 
@@ -271,7 +357,8 @@ def _logprob(logprob: TokenLogprob) -> common_pb2.TokenLogprob:
 
 async def start_worker(config: WorkerConfig) -> RunningServer:
     """Starts serving at once (health NOT_SERVING), loads the model, then reports SERVING."""
-    servicer = WorkerServicer()
+    registry = new_registry()
+    servicer = WorkerServicer(registry)
     running = await start_server(
         config.host,
         config.port,
@@ -283,6 +370,7 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
             )
         ],
         serving=False,
+        metrics=registry,
     )
     threads = set_threads(config.threads)
     model_dir = Path(config.model) if config.model else await asyncio.to_thread(ensure_builtin_model)
@@ -296,6 +384,7 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
         await running.stop(0)
         raise SystemExit(f"meshserve: {exc}") from exc
     servicer.model = model
+    model.engine.on_step = servicer.metrics.batch_size.observe
     model.engine.start()
     running.on_drain.append(model.engine.start_draining)
 

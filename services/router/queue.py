@@ -75,7 +75,11 @@ class RequestQueue:
         self.aging_seconds = aging_seconds
         self._pending: list[Pending] = []
         self._served: dict[tuple[int, str], float] = defaultdict(float)  # cost dispatched per (class, tenant)
-        self.shed = 0
+        self.shed_by_priority: dict[int, int] = defaultdict(int)
+
+    @property
+    def shed(self) -> int:
+        return sum(self.shed_by_priority.values())
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -85,10 +89,10 @@ class RequestQueue:
         if len(self._pending) >= self.max_queued:
             victim = self._eviction_victim(pending.priority)
             if victim is None:
-                self.shed += 1
+                self.shed_by_priority[pending.priority] += 1
                 raise self._shed_error(pending.priority, "the router's queue is full")
             self.remove(victim)
-            self.shed += 1
+            self.shed_by_priority[victim.priority] += 1
             victim.assigned.set_exception(
                 self._shed_error(victim.priority, f"a {class_name(pending.priority)} request took its place")
             )

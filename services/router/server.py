@@ -5,18 +5,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from meshserve.config import RouterConfig
-from meshserve.errors import MeshError, grpc_errors, invalid_argument
+from meshserve.errors import MeshError, grpc_errors, invalid_argument, status_code_name
 from meshserve.logs import current_request_id
+from meshserve.metrics import new_registry, priority_label
+from meshserve.router.children import ChildrenTracker
 from meshserve.router.discovery import parse_sources
+from meshserve.router.metrics import RouterMetrics
 from meshserve.router.queue import Pending, RequestQueue
 from meshserve.router.scheduler import Scheduler
-from meshserve.router.workers import WorkerPool
+from meshserve.router.workers import WorkerEndpoint, WorkerPool
 from meshserve.server import RunningServer, Servicer, start_server
+from meshserve.telemetry import tracer
 from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -26,10 +33,12 @@ FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE,)
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, scheduler: Scheduler, pool: WorkerPool, max_failovers: int) -> None:
+    def __init__(self, scheduler: Scheduler, pool: WorkerPool, max_failovers: int, metrics: RouterMetrics) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.max_failovers = max_failovers
+        self.metrics = metrics
+        self.children = ChildrenTracker()
 
     @grpc_errors
     async def Generate(
@@ -37,30 +46,58 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[common_pb2.TokenChunk]:
         """Queues the request, runs it on a worker, and resumes it on another if that worker fails."""
         current_request_id.set(request.request_id)
+        outcome: BaseException | None = None
+        try:
+            async for chunk in self._generate(request, context):
+                yield chunk
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            self.metrics.finished(request.priority, status_code_name(outcome))
+
+    async def _generate(
+        self, request: common_pb2.TokenRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.TokenChunk]:
         if request.priority not in common_pb2.Priority.values():
             raise invalid_argument([("priority", f"unknown priority {request.priority}")])
         pending = Pending.of(request)
         sent: list[int] = []  # tokens the caller already has
         failovers = 0
         while True:
-            worker = await self.scheduler.acquire(pending, context.time_remaining())
+            worker = await self._acquire(pending, context.time_remaining(), failovers)
+            if request.parent_id:
+                self.children.started(request.parent_id, worker.address, pending.priority, request.tenant)
             attempt = request
             if sent:
                 attempt = common_pb2.TokenRequest()
                 attempt.CopyFrom(request)
                 attempt.resume_token_ids.extend(sent)
-            # The caller's deadline bounds the worker's call; cancelling ours cancels it.
-            call = worker.stub.Generate(attempt, timeout=context.time_remaining())
+            # One span per attempt: the worker's spans hang under it, a resumed attempt is its sibling.
+            span = tracer.start_span(
+                "router.dispatch",
+                attributes={
+                    "meshserve.worker.address": worker.address,
+                    "meshserve.router.attempt": failovers + 1,
+                    "meshserve.router.resumed_tokens": len(sent),
+                },
+            )
+            with trace.use_span(span, end_on_exit=False):
+                # The caller's deadline bounds the worker's call; cancelling ours cancels it.
+                call = worker.stub.Generate(attempt, timeout=context.time_remaining())
             try:
                 async for chunk in call:
                     sent.extend(chunk.token_ids)
                     yield chunk
+                span.set_attribute("meshserve.router.tokens_relayed", len(sent))
                 return
             except grpc.aio.AioRpcError as exc:
+                span.set_status(Status(StatusCode.ERROR, f"{exc.code().name}: {exc.details()}"))
                 if exc.code() not in FAILOVER_CODES:
                     raise
                 self.pool.mark_down(worker)
                 failovers += 1
+                span.add_event("failover", {"meshserve.router.tokens_sent": len(sent)})
                 if failovers > self.max_failovers:
                     raise MeshError(
                         grpc.StatusCode.UNAVAILABLE,
@@ -78,6 +115,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             finally:
                 call.cancel()
                 self.scheduler.release(worker)
+                span.end()
+                if request.parent_id:
+                    self.children.finished(request.parent_id, worker.address)
+
+    async def _acquire(self, pending: Pending, timeout: float | None, failovers: int) -> WorkerEndpoint:
+        """Waits in the queue for a worker with room, traced and measured per priority class."""
+        label = priority_label(pending.priority)
+        with tracer.start_as_current_span(
+            "router.queue", attributes={"meshserve.priority": label, "meshserve.router.attempt": failovers + 1}
+        ):
+            try:
+                return await self.scheduler.acquire(pending, timeout)
+            finally:
+                self.metrics.queue_wait.labels(label).observe(time.monotonic() - pending.enqueued_at)
 
     @grpc_errors
     async def ListModels(
@@ -117,6 +168,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             shed=self.scheduler.queue.shed,
             deadline_exceeded=self.scheduler.deadline_exceeded,
             failovers=self.scheduler.failovers,
+            parents=[
+                router_pb2.ParentStats(
+                    parent_id=p.parent_id,
+                    in_flight=p.in_flight,
+                    workers=sorted(p.running_on),
+                    dispatched=p.dispatched,
+                    finished=p.finished,
+                    peak_in_flight=p.peak_in_flight,
+                    peak_workers=p.peak_workers,
+                    priority=p.priority,
+                    tenant=p.tenant,
+                )
+                for p in self.children.parents()
+            ],
         )
 
 
@@ -133,6 +198,8 @@ async def start_router(config: RouterConfig) -> RunningServer:
         refresh_seconds=config.discovery_seconds,
     )
     scheduler = Scheduler(RequestQueue(config.max_queued, config.aging_seconds), pool)
+    registry = new_registry()
+    metrics = RouterMetrics(registry, scheduler)
     await pool.start()
     scheduler.start()
     running = await start_server(
@@ -140,11 +207,12 @@ async def start_router(config: RouterConfig) -> RunningServer:
         config.port,
         [
             Servicer(
-                RouterServicer(scheduler, pool, config.max_failovers),
+                RouterServicer(scheduler, pool, config.max_failovers, metrics),
                 router_pb2_grpc.add_RouterServicer_to_server,
                 router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
             )
         ],
+        metrics=registry,
     )
     running.on_stop.append(pool.close)
     running.on_stop.append(scheduler.stop)

@@ -53,11 +53,16 @@ class FanOutMesh:
     def idle(self) -> bool:
         return all(load.running_sequences == 0 and load.waiting_sequences == 0 for load in self.loads())
 
-    def quiet(self) -> bool:
-        """Idle workers and nothing queued at the router or in flight to a worker."""
+    def quiet(self, settle_s: float = 1.0) -> bool:
+        """Idle workers, nothing queued at the router or in flight to a worker, and no sequence leaving the
+        workers for `settle_s` (a sub-request cancelled upstream may still reach a worker and end there)."""
         stats = self.router.Stats(router_pb2.RouterStatsRequest(), timeout=5)
         in_flight = sum(w.in_flight for w in stats.workers) + sum(q.queued for q in stats.queues)
-        return in_flight == 0 and self.idle()
+        if in_flight or not self.idle():
+            return False
+        ended = [(load.sequences_finished, load.sequences_cancelled) for load in self.loads()]
+        time.sleep(settle_s)
+        return ended == [(load.sequences_finished, load.sequences_cancelled) for load in self.loads()]
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +371,7 @@ def test_fail_fast_cancels_the_siblings_and_returns_the_error(mesh):
 
 def test_cancelling_the_parent_frees_every_worker_slot(mesh):
     # Siblings an earlier test cancelled may still be on their way to a worker: count from a quiet mesh.
-    assert wait_for(mesh.quiet, timeout=10)
+    assert wait_for(mesh.quiet, timeout=20)
     before = mesh.loads()
     request = inference_pb2.GenerateRequest(
         request_id="cancel-me", prompt="Garden", sampling=sampling(LONG, temperature=1.0, seed=3), n=6
@@ -377,8 +382,10 @@ def test_cancelling_the_parent_frees_every_worker_slot(mesh):
     assert len(mesh.parent("cancel-me").workers) == 2, "six children should spread over both workers"
     call.cancel()
     assert wait_for(mesh.idle, timeout=5), "worker slots stayed taken after the parent was cancelled"
-    cancelled = sum(a.sequences_cancelled - b.sequences_cancelled for a, b in zip(mesh.loads(), before, strict=True))
-    assert cancelled == 6
+    after = mesh.loads()
+    cancelled = sum(a.sequences_cancelled - b.sequences_cancelled for a, b in zip(after, before, strict=True))
+    finished = sum(a.sequences_finished - b.sequences_finished for a, b in zip(after, before, strict=True))
+    assert (cancelled, finished) == (6, 0), (before, after)
     assert wait_for(lambda: mesh.parent("cancel-me").in_flight == 0)
 
 

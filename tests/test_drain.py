@@ -7,7 +7,6 @@ its drain timeout instead of waiting it out.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -15,16 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from conftest import free_ports
-from test_router import start_worker_process, token_request, wait_for_worker_process, wait_for_workers_up
+from test_router import token_request
+from worker_processes import WAIT_S, workers_behind_a_router
 
-from meshserve.channels import sync_channel
-from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from meshserve.v1 import common_pb2, router_pb2
 
 DRAIN_SECONDS = 40
 STREAM_TOKENS = 300
 STREAMS = 6
-WAIT_S = 120
 
 
 @dataclass
@@ -65,29 +62,13 @@ def wait_for(condition, what: str, timeout: float = 30) -> None:
 
 
 def test_sigterm_drains_a_streaming_worker_and_new_work_goes_elsewhere(loop_thread, cache_dir, tmp_path):
-    from meshserve.config import RouterConfig
-    from meshserve.router.server import start_router
-
     env = {
-        **os.environ,
-        "MESHSERVE_CACHE": str(cache_dir),
         "MESHSERVE_DRAIN_SECONDS": str(DRAIN_SECONDS),
         "MESHSERVE_MAX_NUM_SEQS": str(STREAMS),
-        "MESHSERVE_METRICS_PORT": "0",  # two workers on one host cannot share the default metrics port
     }
-    ports = free_ports(2)
-    addresses = [f"127.0.0.1:{port}" for port in ports]
-    logs = [tmp_path / f"worker-{port}.log" for port in ports]
-    processes = [start_worker_process(port, env, log) for port, log in zip(ports, logs, strict=True)]
-    router = None
     streams: list[Stream] = []
-    try:
-        for address, process, log in zip(addresses, processes, logs, strict=True):
-            wait_for_worker_process(address, process, log)
-        router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=",".join(addresses))))
-        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
-        wait_for_workers_up(stub, 2)
-
+    with workers_behind_a_router(loop_thread, 2, cache_dir, tmp_path, env) as mesh:
+        stub, addresses = mesh.router, mesh.addresses
         for i in range(STREAMS):
             stream = Stream()
             stream.run(stub, token_request([5, 6, 7 + i], STREAM_TOKENS))
@@ -96,7 +77,7 @@ def test_sigterm_drains_a_streaming_worker_and_new_work_goes_elsewhere(loop_thre
         in_flight = {address: w.in_flight for address, w in router_stats(stub).items()}
         draining = max(addresses, key=lambda a: in_flight[a])
         other = next(a for a in addresses if a != draining)
-        drained = processes[addresses.index(draining)]
+        drained = mesh.process(draining)
         assert in_flight[draining] >= 1, in_flight
 
         drained.send_signal(signal.SIGTERM)
@@ -113,14 +94,8 @@ def test_sigterm_drains_a_streaming_worker_and_new_work_goes_elsewhere(loop_thre
         drained.wait(DRAIN_SECONDS + 10)
         exited_at = time.monotonic()
         stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-    finally:
-        if router is not None:
-            loop_thread.run(router.stop(0))
-        for process in processes:
-            process.kill()
-            process.wait(30)
 
-    log = logs[addresses.index(draining)].read_text()
+    log = mesh.log(draining)
     # Every stream that was running, on the draining worker too, ended normally and whole, without a failover.
     assert in_flight_on_draining >= 1
     for stream in streams:

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import itertools
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
 
 import grpc
 import pytest
-from conftest import free_ports
 from grpc_status import rpc_status
+from worker_processes import WAIT_S, wait_for_workers_up, workers_behind_a_router
 
-from meshserve.channels import sync_channel, wait_until_serving
+from meshserve.channels import sync_channel
 from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-WAIT_S = 120
 
 
 @contextmanager
@@ -43,16 +38,6 @@ def router_with_workers(loop_thread, max_num_seqs: list[int], **router_config):
         loop_thread.run(router.stop(0))
         for worker in workers:
             loop_thread.run(worker.stop(0))
-
-
-def wait_for_workers_up(stub, count: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-        if sum(w.up for w in stats.workers) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the router never saw its workers up")
 
 
 def token_request(prompt, max_tokens: int, priority=common_pb2.PRIORITY_NORMAL, tenant: str = "", **sampling):
@@ -203,48 +188,10 @@ def test_prefix_affinity_still_spreads_load(loop_thread):
     assert all(w.dispatched >= 1 for w in stats.workers), [w.dispatched for w in stats.workers]
 
 
-MESHSERVE_WORKER = [sys.executable, "-m", "meshserve.cli", "worker", "--threads", "1"]
-
-
-def start_worker_process(port: int, env: dict, log_path) -> subprocess.Popen:
-    from meshserve.launcher import child_env
-
-    with open(log_path, "w") as log:
-        return subprocess.Popen(
-            [*MESHSERVE_WORKER, "--port", str(port), "--metrics-port", "0"],
-            env=child_env(env),  # no orphan workers even if the test process is killed
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def wait_for_worker_process(address: str, process: subprocess.Popen, log_path) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"worker {address} exited ({process.returncode}):\n{log_path.read_text()}")
-        if wait_until_serving(address, timeout=1):
-            return
-    raise AssertionError(f"worker {address} never became ready:\n{log_path.read_text()}")
-
-
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "seed": 5}], ids=["greedy", "seeded"])
 def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thread, cache_dir, tmp_path, sampling):
-    from meshserve.config import RouterConfig
-    from meshserve.router.server import start_router
-
-    env = {**os.environ, "MESHSERVE_CACHE": str(cache_dir)}
-    ports = free_ports(3)
-    logs = [tmp_path / f"worker-{port}.log" for port in ports]
-    processes = [start_worker_process(port, env, log) for port, log in zip(ports, logs, strict=True)]
-    addresses = [f"127.0.0.1:{port}" for port in ports]
-    router = None
-    try:
-        for address, process, log in zip(addresses, processes, logs, strict=True):
-            wait_for_worker_process(address, process, log)
-        router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=",".join(addresses))))
-        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
-        wait_for_workers_up(stub, 3)
+    with workers_behind_a_router(loop_thread, 3, cache_dir, tmp_path) as mesh:
+        stub = mesh.router
         params = {"max_tokens": 600, "ignore_eos": True, **sampling}
         request = common_pb2.TokenRequest(prompt_token_ids=[5, 6, 7, 8], sampling=common_pb2.SamplingParams(**params))
         reference = [t for chunk in stub.Generate(request, timeout=WAIT_S) for t in chunk.token_ids]
@@ -259,17 +206,11 @@ def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thre
             if len(tokens) >= 20 and not killed:  # once: a just-killed process still polls as alive
                 stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
                 serving = next(w.address for w in stats.workers if w.in_flight)
-                processes[addresses.index(serving)].send_signal(signal.SIGKILL)
+                mesh.process(serving).send_signal(signal.SIGKILL)
                 killed = True
         assert tokens == reference
         assert finish == common_pb2.FINISH_REASON_LENGTH
         assert stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).failovers == 1
-    finally:
-        if router is not None:
-            loop_thread.run(router.stop(0))
-        for process in processes:
-            process.kill()
-            process.wait(30)
 
 
 def test_dns_discovery_finds_workers_behind_a_name(loop_thread):

@@ -106,24 +106,33 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         reservation = self.limits.reserve(tenant, _token_budget(request, validated))
         if observer is not None:
             observer.accepted(validated.token_request, validated.model.name, max(validated.n, request.best_of))
+        if self.config.log_text:
+            log.info("request text", extra={"fields": {"prompts": _prompt_texts(request, validated)}})
         return Admission(validated, tenant, reservation, observer)
 
     async def stream(
         self, admission: Admission, timeout: float | None
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         used = len(admission.validated.token_request.prompt_token_ids)
+        texts: dict[int, list[str]] = {}
         try:
             async for response in self._stream(admission.validated, timeout, admission.observer):
                 used = response.usage.total_tokens if response.final else used + len(response.token_ids)
+                if self.config.log_text and response.text:
+                    texts.setdefault(response.index, []).append(response.text)
                 yield response
         finally:
             admission.reservation.settle(used)
+            if self.config.log_text:
+                _log_output({index: "".join(parts) for index, parts in texts.items()})
 
     async def complete(self, admission: Admission, timeout: float | None) -> inference_pb2.GenerateResponse:
         used = len(admission.validated.token_request.prompt_token_ids)
         try:
             reply = await self._complete(admission.validated, timeout, admission.observer)
             used = reply.usage.total_tokens
+            if self.config.log_text:
+                _log_output({c.index: c.text for c in reply.completions})
             return reply
         finally:
             admission.reservation.settle(used)
@@ -240,6 +249,27 @@ class Admission:
     tenant: Tenant
     reservation: Reservation
     observer: RequestObserver | None = None
+
+
+LOGGED_TEXT_CHARS = 4000  # per text, with --log-text: enough to debug, not a copy of a book
+
+
+def _prompt_texts(request: inference_pb2.GenerateRequest, validated: ValidatedRequest) -> list[str]:
+    """What the model is asked, as text: the prompt as tokenised (chat template applied), or each input."""
+    tokenizer = validated.model.tokenizer
+    if validated.token_request.prompt_token_ids:
+        texts = [tokenizer.decode(validated.token_request.prompt_token_ids, skip_special_tokens=False)]
+    elif request.HasField("map_reduce"):
+        texts = [request.map_reduce.text]
+    else:  # a batch, tokenised for the aggregator
+        inputs = validated.fan_out.inputs if validated.fan_out is not None else []
+        texts = [tokenizer.decode(item.prompt_token_ids, skip_special_tokens=False) for item in inputs]
+    return [text[:LOGGED_TEXT_CHARS] for text in texts]
+
+
+def _log_output(texts: dict[int, str]) -> None:
+    outputs = {str(index): text[:LOGGED_TEXT_CHARS] for index, text in sorted(texts.items())}
+    log.info("generated text", extra={"fields": {"outputs": outputs}})
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:

@@ -143,6 +143,10 @@ class GatewayConfig(ServerConfig):
     allow_unauthenticated: bool = field(
         default=False, metadata=_help("serve without API keys on an address other than loopback")
     )
+    log_text: bool = field(
+        default=False,
+        metadata=_help("log each request's prompt and generated text (debugging; off: text never reaches the logs)"),
+    )
     http_max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=_help("largest HTTP request body"))
     http_timeout_seconds: float = field(
         default=600.0, metadata=_help("deadline of an HTTP request in the mesh (HTTP has no deadline of its own)")

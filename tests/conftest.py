@@ -118,3 +118,25 @@ def mesh(model_dir: Path, loop_thread: EventLoopThread) -> Iterator[Mesh]:
     yield Mesh(gateway, router, aggregator, worker, servers)
     for name in ("gateway", "aggregator", "router", "worker"):
         loop_thread.run(servers[name].stop(1.0))
+
+
+@pytest.fixture(scope="session")
+def spans() -> Any:
+    """Every span this process ends, in memory (an InMemorySpanExporter); tests clear() it first.
+
+    A process has one tracer provider: installed here once, for the services the tests run in-process.
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from meshserve.telemetry import setup_tracing
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    else:
+        setup_tracing("tests", "none", processor=SimpleSpanProcessor(exporter))
+    return exporter

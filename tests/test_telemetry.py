@@ -12,28 +12,13 @@ import time
 import urllib.request
 
 import grpc
-import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 GATEWAY_STREAM = "/meshserve.v1.Inference/GenerateStream"
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    from meshserve.telemetry import setup_tracing
-
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):  # another test module installed one: a process has only one
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
-        setup_tracing("tests", "none", processor=SimpleSpanProcessor(exporter))
-    return exporter
 
 
 def wait_for_spans(exporter: InMemorySpanExporter, name: str, count: int, timeout: float = 10.0) -> list[ReadableSpan]:

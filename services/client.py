@@ -157,13 +157,25 @@ def print_router_stats(address: str) -> None:
         )
 
 
+def _router_sees_workers_up(router: str | None) -> bool:
+    if router is None:
+        return True
+    with sync_channel(router) as channel:
+        try:
+            stats = router_pb2_grpc.RouterStub(channel).Stats(router_pb2.RouterStatsRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+    return bool(stats.workers) and all(w.up for w in stats.workers)
+
+
 def status_command(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         services = local_mesh_services(args.gateway)
         statuses = {name: health_status(address) for name, address in services}
         all_serving = all(s == "SERVING" for s in statuses.values())
-        if all_serving or time.monotonic() >= deadline:
+        # Ready means the router has its workers' first load reports too, not only that each process serves.
+        if (all_serving and _router_sees_workers_up(dict(services).get("router"))) or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
     for name, address in services:

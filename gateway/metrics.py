@@ -17,6 +17,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshserve.errors import status_code_name
+from meshserve.gateway.http_openai import FINISH_REASONS  # the names OpenAI and the GenAI conventions use
 from meshserve.metrics import INTER_TOKEN_BUCKETS, LATENCY_BUCKETS, priority_label
 from meshserve.telemetry import (
     GEN_AI_OPERATION_NAME,
@@ -33,13 +34,6 @@ from meshserve.telemetry import (
     tracer,
 )
 from meshserve.v1 import common_pb2, inference_pb2
-
-FINISH_REASON_NAMES = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
 
 
 def operation_name(request: inference_pb2.GenerateRequest) -> str:
@@ -165,7 +159,7 @@ class RequestObserver:
             self.last_token[index] = now
             self.completion_tokens += count
         if finish_reason:
-            self.finish_reasons.append(FINISH_REASON_NAMES.get(finish_reason, "unknown"))
+            self.finish_reasons.append(FINISH_REASONS.get(finish_reason, "unknown"))
 
     def end(self, outcome: BaseException | None) -> None:
         code = status_code_name(outcome)

@@ -87,6 +87,8 @@ def test_a_streaming_request_is_one_trace_from_gateway_to_worker(spans, mesh):
     gateway = next(s for s in in_trace if s.name == "text_completion meshserve-tiny")
     assert gateway.attributes["gen_ai.usage.output_tokens"] == decode.attributes["gen_ai.usage.output_tokens"]
     assert gateway.attributes["gen_ai.response.id"] == chunks[-1].request_id
+    finish = next(c.finish_reason for c in chunks if c.finish_reason)
+    assert gateway.attributes["gen_ai.response.finish_reasons"] == ({1: "stop", 2: "length"}[finish],)
     assert gateway.attributes["meshserve.priority"] == "high"
     assert "text_completion meshserve-tiny" in chain
     queue = next(s for s in in_trace if s.name == "router.queue")

@@ -71,13 +71,16 @@ async def scheduling_overhead(worker_address: str, queued: int) -> float:
         await pool.close()
 
 
-async def stream_tokens(stub, concurrency: int, max_tokens: int) -> float:
+async def stream_tokens(
+    client: worker_pb2_grpc.WorkerStub | router_pb2_grpc.RouterStub, concurrency: int, max_tokens: int
+) -> float:
+    """Tokens/s of `concurrency` greedy streams through `client` (the worker itself, or the router)."""
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(i: int) -> int:
         request = common_pb2.TokenRequest(prompt_token_ids=[5 + i, 6, 7, 8], sampling=sampling)
         tokens = 0
-        async for chunk in stub.Generate(request, timeout=600):
+        async for chunk in client.Generate(request, timeout=600):
             tokens += len(chunk.token_ids)
         return tokens
 
@@ -89,12 +92,12 @@ async def stream_tokens(stub, concurrency: int, max_tokens: int) -> float:
 async def hop_cost(worker_address: str, router_address: str, concurrency: int, max_tokens: int) -> tuple[float, float]:
     worker_channel, router_channel = aio_channel(worker_address), aio_channel(router_address)
     try:
-        direct_stub = worker_pb2_grpc.WorkerStub(worker_channel)
-        routed_stub = router_pb2_grpc.RouterStub(router_channel)
-        await stream_tokens(direct_stub, 2, 4)  # warm-up: model, channels, first compilations
-        await stream_tokens(routed_stub, 2, 4)
-        direct = await stream_tokens(direct_stub, concurrency, max_tokens)
-        routed = await stream_tokens(routed_stub, concurrency, max_tokens)
+        worker = worker_pb2_grpc.WorkerStub(worker_channel)  # grpcio's name for a generated client
+        router = router_pb2_grpc.RouterStub(router_channel)
+        await stream_tokens(worker, 2, 4)  # warm-up: model, channels, first compilations
+        await stream_tokens(router, 2, 4)
+        direct = await stream_tokens(worker, concurrency, max_tokens)
+        routed = await stream_tokens(router, concurrency, max_tokens)
         return direct, routed
     finally:
         await worker_channel.close()

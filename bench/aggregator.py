@@ -27,11 +27,11 @@ import time
 
 from meshserve.aggregator.mapreduce import plan_map_reduce
 from meshserve.aggregator.server import start_aggregator
-from meshserve.channels import aio_channel, aio_wait_until_serving
-from meshserve.config import AggregatorConfig, RouterConfig
-from meshserve.launcher import child_env
+from meshserve.cli.launcher import child_env
+from meshserve.common.channels import aio_channel, aio_wait_until_serving
+from meshserve.common.config import AggregatorConfig, RouterConfig
+from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.router.server import start_router
-from meshserve.tokenizer import ModelTokenizer
 from meshserve.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
 from meshserve.worker.builtin_model import ensure_builtin_model
 

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from meshserve.tokenizer import ModelTokenizer
+from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.builtin_model import ensure_builtin_model
 from meshserve.worker.engine import Engine
 from meshserve.worker.model_runner import ModelRunner

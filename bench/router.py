@@ -3,7 +3,7 @@
     python bench/router.py [--queued 1000] [--concurrency 16] [--max-tokens 64]
 
 1. Scheduling: 1,000 requests (mixed classes and tenants) wait before a real worker whose seats
-   are full; each finish frees one seat and the scheduler picks the next request. Prints
+   are full; each finish frees one seat and the dispatcher picks the next request. Prints
    microseconds of router CPU per dispatched request.
 2. The hop: the same streams sent straight to a worker and through the router (both real gRPC
    servers on 127.0.0.1, built-in model); prints both tokens/s and the share lost.
@@ -16,11 +16,11 @@ import asyncio
 import random
 import time
 
-from meshserve.channels import aio_channel
-from meshserve.config import RouterConfig, WorkerConfig
+from meshserve.common.channels import aio_channel
+from meshserve.common.config import RouterConfig, WorkerConfig
 from meshserve.router.discovery import parse_sources
+from meshserve.router.dispatcher import Dispatcher
 from meshserve.router.queue import CLASSES, Pending, RequestQueue
-from meshserve.router.scheduler import Scheduler
 from meshserve.router.server import start_router
 from meshserve.router.workers import WorkerPool
 from meshserve.v1 import common_pb2, router_pb2_grpc, worker_pb2_grpc
@@ -35,9 +35,9 @@ async def scheduling_overhead(worker_address: str, queued: int) -> float:
     requests are never sent: this measures the router's choice only.
     """
     rng = random.Random(0)
-    scheduler: Scheduler | None = None
-    pool = WorkerPool(parse_sources(worker_address), on_change=lambda: scheduler.wake() if scheduler else None)
-    scheduler = Scheduler(RequestQueue(max_queued=queued, aging_seconds=5.0), pool)
+    dispatcher: Dispatcher | None = None
+    pool = WorkerPool(parse_sources(worker_address), on_change=lambda: dispatcher.wake() if dispatcher else None)
+    dispatcher = Dispatcher(RequestQueue(max_queued=queued, aging_seconds=5.0), pool)
     await pool.start()
     try:
         worker = pool.workers[0]
@@ -55,18 +55,18 @@ async def scheduling_overhead(worker_address: str, queued: int) -> float:
                 request_id=str(i),
             )
             request.sampling.max_tokens = rng.randint(16, 512)
-            scheduler.queue.push(Pending.of(request))
-        scheduler.dispatch()  # fills the worker's seats (CRITICAL and HIGH may overflow them)
-        before = scheduler.dispatched
+            dispatcher.queue.push(Pending.of(request))
+        dispatcher.dispatch()  # fills the worker's seats (CRITICAL and HIGH may overflow them)
+        before = dispatcher.dispatched
         start = time.perf_counter()
         for _ in range(2 * queued):  # bounded: each release frees a seat, most dispatch one request
-            if not scheduler.queue:
+            if not dispatcher.queue:
                 break
-            scheduler.release(worker)  # one request finished
-            scheduler.dispatch()
+            dispatcher.release(worker)  # one request finished
+            dispatcher.dispatch()
         elapsed = time.perf_counter() - start
-        assert len(scheduler.queue) == 0 and scheduler.dispatched == queued
-        return elapsed / (scheduler.dispatched - before) * 1e6
+        assert len(dispatcher.queue) == 0 and dispatcher.dispatched == queued
+        return elapsed / (dispatcher.dispatched - before) * 1e6
     finally:
         await pool.close()
 

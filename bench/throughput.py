@@ -14,8 +14,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from meshserve.channels import aio_channel, aio_wait_until_serving
-from meshserve.config import GatewayConfig, RouterConfig, WorkerConfig
+from meshserve.common.channels import aio_channel, aio_wait_until_serving
+from meshserve.common.config import GatewayConfig, RouterConfig, WorkerConfig
 from meshserve.gateway.server import start_gateway
 from meshserve.router.server import start_router
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -57,7 +57,7 @@ async def mesh_tokens_per_second(concurrency: int, max_tokens: int, threads: int
 def baseline_tokens_per_second(requests: int, max_tokens: int, threads: int) -> float:
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(ensure_builtin_model()).eval()
-    from meshserve.tokenizer import ModelTokenizer
+    from meshserve.common.tokenizer import ModelTokenizer
 
     ids = torch.tensor([ModelTokenizer.from_dir(ensure_builtin_model()).encode(PROMPT)])
     generate = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "do_sample": False}

@@ -1,4 +1,4 @@
-"""Regenerate the Python stubs of protos/meshserve/v1 into services/v1 (the `meshserve.v1` package).
+"""Regenerate the Python stubs of protos/meshserve/v1 into services/meshserve/v1 (the `meshserve.v1` package).
 
 Usage: python scripts/gen_protos.py [--out DIR]
 """
@@ -15,7 +15,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-DEFAULT_OUT = ROOT / "services" / "v1"
+DEFAULT_OUT = ROOT / "services" / "meshserve" / "v1"
 
 
 def generate(out_dir: Path) -> list[Path]:

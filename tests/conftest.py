@@ -78,7 +78,7 @@ class Mesh:
     servers: dict[str, Any]
 
     def channel(self, address: str) -> grpc.Channel:
-        from meshserve.channels import sync_channel
+        from meshserve.common.channels import sync_channel
 
         return sync_channel(address)
 
@@ -94,8 +94,8 @@ def loop_thread() -> Iterator[EventLoopThread]:
 def mesh(model_dir: Path, loop_thread: EventLoopThread) -> Iterator[Mesh]:
     """gateway, router, aggregator and one worker, each a real gRPC server on 127.0.0.1:<free port>."""
     from meshserve.aggregator.server import start_aggregator
-    from meshserve.channels import wait_until_serving
-    from meshserve.config import AggregatorConfig, GatewayConfig, RouterConfig, WorkerConfig
+    from meshserve.common.channels import wait_until_serving
+    from meshserve.common.config import AggregatorConfig, GatewayConfig, RouterConfig, WorkerConfig
     from meshserve.gateway.server import start_gateway
     from meshserve.router.server import start_router
     from meshserve.worker.server import start_worker
@@ -131,7 +131,7 @@ def spans() -> Any:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from meshserve.telemetry import setup_tracing
+    from meshserve.common.telemetry import setup_tracing
 
     exporter = InMemorySpanExporter()
     provider = trace.get_tracer_provider()

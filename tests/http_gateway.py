@@ -52,8 +52,8 @@ class Gateway:
 
 @contextmanager
 def running_gateway(loop_thread: Any, mesh: Any, **overrides: Any) -> Iterator[Gateway]:
-    from meshserve.channels import wait_until_serving
-    from meshserve.config import GatewayConfig
+    from meshserve.common.channels import wait_until_serving
+    from meshserve.common.config import GatewayConfig
     from meshserve.gateway.server import start_gateway
 
     settings = {"host": "127.0.0.1", "port": 0, "http_port": 0, "router": mesh.router, "aggregator": mesh.aggregator}

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from meshserve.aggregator.chunking import split_text
-from meshserve.errors import bad_request_fields, from_rpc_error
-from meshserve.tokenizer import ModelTokenizer
+from meshserve.common.errors import bad_request_fields, from_rpc_error
+from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.v1 import (
     aggregator_pb2,
     aggregator_pb2_grpc,
@@ -35,7 +35,7 @@ LONG = 1500  # max_tokens of sub-requests that must be cancelled, never finished
 
 class FanOutMesh:
     def __init__(self, gateway: str, aggregator: str, router: str, workers: list[str]) -> None:
-        from meshserve.channels import sync_channel
+        from meshserve.common.channels import sync_channel
 
         self.channels = [sync_channel(a) for a in (gateway, aggregator, router, *workers)]
         self.inference = inference_pb2_grpc.InferenceStub(self.channels[0])
@@ -69,8 +69,8 @@ class FanOutMesh:
 def mesh(model_dir, loop_thread):
     """Two workers (8 seats, one torch thread each), a router, an aggregator with small bounds, a gateway."""
     from meshserve.aggregator.server import start_aggregator
-    from meshserve.channels import wait_until_serving
-    from meshserve.config import AggregatorConfig, GatewayConfig, RouterConfig, WorkerConfig
+    from meshserve.common.channels import wait_until_serving
+    from meshserve.common.config import AggregatorConfig, GatewayConfig, RouterConfig, WorkerConfig
     from meshserve.gateway.server import start_gateway
     from meshserve.router.server import start_router
     from meshserve.worker.server import start_worker

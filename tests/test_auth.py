@@ -11,11 +11,11 @@ import sys
 import grpc
 import openai
 import pytest
-from conftest import free_ports
 from google.rpc import error_details_pb2
-from http_gateway import running_gateway
 
-from meshserve.errors import from_rpc_error
+from conftest import free_ports
+from http_gateway import running_gateway
+from meshserve.common.errors import from_rpc_error
 from meshserve.gateway.auth import ANONYMOUS, KeyStore, Tenant, hash_key, is_loopback, parse_keys
 from meshserve.gateway.rate_limit import RateLimiter, TokenBucket
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
@@ -123,10 +123,10 @@ def test_priority_above_the_tenants_ceiling_is_refused_on_both_apis(gateway):
 
 
 def test_admitted_requests_carry_the_tenant_and_a_default_priority_within_the_ceiling(mesh, loop_thread, keys_file):
-    from meshserve.channels import aio_channel
-    from meshserve.config import GatewayConfig
+    from meshserve.common.channels import aio_channel
+    from meshserve.common.config import GatewayConfig
+    from meshserve.common.models import ModelCatalog
     from meshserve.gateway.server import InferenceServicer
-    from meshserve.models import ModelCatalog
     from meshserve.v1 import aggregator_pb2_grpc
 
     async def admitted(key: str, priority: int) -> common_pb2.TokenRequest:
@@ -271,7 +271,7 @@ def test_keys_file_changes_are_picked_up(tmp_path):
 
 
 def test_no_keys_on_a_public_address_refuses_to_start_unless_allowed(keys_file):
-    from meshserve.config import GatewayConfig
+    from meshserve.common.config import GatewayConfig
     from meshserve.gateway.server import key_store
 
     # start_gateway calls key_store before it binds anything (the command's test below shows it end to end).
@@ -296,7 +296,7 @@ def test_the_gateway_command_says_why_it_refuses_to_start():
 
 
 def test_hash_key_prints_an_entry_that_authenticates_its_key(tmp_path, capsys, monkeypatch):
-    from meshserve.cli import main
+    from meshserve.cli.main import main
 
     assert main(["hash-key", "--tenant", "acme", "--max-priority", "high", "--tokens-per-minute", "6000"]) == 0
     out, err = capsys.readouterr()

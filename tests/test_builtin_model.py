@@ -7,7 +7,7 @@ import json
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from meshserve.tokenizer import ModelTokenizer
+from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.builtin_model import builtin_model_dir, ensure_builtin_model, write_builtin_model
 
 

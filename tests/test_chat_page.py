@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import websocket
+
 from http_gateway import running_gateway, wait_for, worker_load
 
 

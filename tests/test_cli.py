@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import free_ports
 
 MESHSERVE = [sys.executable, "-m", "meshserve.cli"]
@@ -118,7 +119,7 @@ def test_a_service_process_dies_with_a_launcher_that_is_killed(env, tmp_path):
     launcher = tmp_path / "launcher.py"
     launcher.write_text(
         "import subprocess, sys, time\n"
-        "from meshserve.launcher import child_env\n"
+        "from meshserve.cli.launcher import child_env\n"
         f"child = subprocess.Popen([sys.executable, '-m', 'meshserve.cli', 'router', '--port', '{port}',"
         " '--workers', '127.0.0.1:1', '--metrics-port', '0'], env=child_env())\n"
         "print(child.pid, flush=True)\n"
@@ -127,7 +128,7 @@ def test_a_service_process_dies_with_a_launcher_that_is_killed(env, tmp_path):
     parent = subprocess.Popen([sys.executable, str(launcher)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         child_pid = int(parent.stdout.readline())
-        from meshserve.channels import health_status
+        from meshserve.common.channels import health_status
 
         deadline = time.monotonic() + 60
         while health_status(f"127.0.0.1:{port}", timeout=1.0) != "SERVING" and time.monotonic() < deadline:

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from meshserve.config import RouterConfig, WorkerConfig, add_arguments, from_args
+from meshserve.common.config import RouterConfig, WorkerConfig, add_arguments, from_args
 
 
 def parse(config_type, argv):

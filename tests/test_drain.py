@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from test_router import token_request
-from worker_processes import WAIT_S, workers_behind_a_router
 
 from meshserve.v1 import common_pb2, router_pb2
+from test_router import token_request
+from worker_processes import WAIT_S, workers_behind_a_router
 
 DRAIN_SECONDS = 40
 STREAM_TOKENS = 300

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from meshserve.tokenizer import ModelTokenizer
+from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.engine import Engine
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput

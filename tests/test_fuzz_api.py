@@ -8,11 +8,11 @@ import json
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from http_gateway import running_gateway
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from meshserve.errors import bad_request_fields
+from http_gateway import running_gateway
+from meshserve.common.errors import bad_request_fields
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 # Bounded: a few dozen examples each keeps the file well under a minute; no example database on disk.

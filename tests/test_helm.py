@@ -282,7 +282,7 @@ def check_drain(docs: list[dict[str, Any]]) -> None:
 def check_service_settings(docs: list[dict[str, Any]]) -> None:
     """Every MESHSERVE_* variable is a setting of that service, parses as the service parses it, and its ports
     agree with the container's, the Services' and the scrape annotations."""
-    from meshserve import config as cfg
+    from meshserve.common import config as cfg
 
     types = {
         "gateway": cfg.GatewayConfig,
@@ -322,7 +322,7 @@ def parse_config(config_type: type, env: dict[str, str]) -> Any:
     import os
     from unittest import mock
 
-    from meshserve import config as cfg
+    from meshserve.common import config as cfg
 
     with mock.patch.dict(os.environ, env, clear=True):
         try:

@@ -9,10 +9,10 @@ import socket
 import grpc
 import openai
 import pytest
-from http_gateway import running_gateway, wait_for, worker_load
 
-from meshserve.errors import bad_request_fields
-from meshserve.tokenizer import ModelTokenizer
+from http_gateway import running_gateway, wait_for, worker_load
+from meshserve.common.errors import bad_request_fields
+from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}

@@ -182,7 +182,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
 
 def test_engine_on_the_triton_path_gives_the_reference_tokens(model_dir):
     """The whole engine with Triton attention, KV writes and RMSNorm (interpreted) against the PyTorch path."""
-    from meshserve.tokenizer import ModelTokenizer
+    from meshserve.common.tokenizer import ModelTokenizer
     from meshserve.worker.engine import Engine
     from meshserve.worker.model_runner import KernelRMSNorm, ModelRunner
     from meshserve.worker.sequence import SamplingOptions

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from http_gateway import running_gateway
-
-from meshserve.logs import JsonFormatter
+from meshserve.common.logs import JsonFormatter
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 SECRET_PROMPT = "the password is swordfish-4711"

@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM
 
-from meshserve.errors import bad_request_fields
-from meshserve.tokenizer import ModelTokenizer
+from meshserve.common.errors import bad_request_fields
+from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 PROMPTS = ["Hello world", "Once upon a time, in a city by the sea", "The router picks a worker"]
@@ -237,7 +237,7 @@ def test_list_models_names_the_builtin_model(mesh):
 
 
 def test_router_skips_an_unreachable_worker(mesh, loop_thread):
-    from meshserve.config import RouterConfig
+    from meshserve.common.config import RouterConfig
     from meshserve.router.server import start_router
     from meshserve.v1 import router_pb2_grpc
 

@@ -20,7 +20,7 @@ SERVICES = ("gateway", "router", "aggregator", "worker")
 
 @pytest.fixture(scope="module")
 def endpoints(mesh) -> Iterator[dict[str, str]]:
-    from meshserve.metrics import serve_metrics
+    from meshserve.common.metrics import serve_metrics
 
     served = {name: serve_metrics(mesh.servers[name].metrics, "127.0.0.1", 0) for name in SERVICES}
     yield {name: f"http://127.0.0.1:{endpoint.port}/metrics" for name, endpoint in served.items()}

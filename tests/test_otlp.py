@@ -16,11 +16,11 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-from conftest import free_ports
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from meshserve.channels import wait_until_serving
-from meshserve.launcher import child_env
+from conftest import free_ports
+from meshserve.cli.launcher import child_env
+from meshserve.common.channels import wait_until_serving
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 WAIT_S = 120

@@ -11,16 +11,16 @@ from contextlib import contextmanager
 import grpc
 import pytest
 from grpc_status import rpc_status
-from worker_processes import WAIT_S, wait_for_workers_up, workers_behind_a_router
 
-from meshserve.channels import sync_channel
+from meshserve.common.channels import sync_channel
 from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from worker_processes import WAIT_S, wait_for_workers_up, workers_behind_a_router
 
 
 @contextmanager
 def router_with_workers(loop_thread, max_num_seqs: list[int], **router_config):
     """In-process workers (one torch thread each) and a router in front of them."""
-    from meshserve.config import RouterConfig, WorkerConfig
+    from meshserve.common.config import RouterConfig, WorkerConfig
     from meshserve.router.server import start_router
     from meshserve.worker.server import start_worker
 
@@ -215,7 +215,7 @@ def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thre
 
 def test_dns_discovery_finds_workers_behind_a_name(loop_thread):
     """localhost resolves to the loopback addresses; the worker listens on 127.0.0.1 and serves through it."""
-    from meshserve.config import RouterConfig, WorkerConfig
+    from meshserve.common.config import RouterConfig, WorkerConfig
     from meshserve.router.server import start_router
     from meshserve.worker.server import start_worker
 
@@ -285,7 +285,7 @@ def test_kubernetes_discovery_reads_ready_endpoints_of_the_service():
 
 
 def test_a_draining_worker_gets_no_new_work(loop_thread):
-    from meshserve.config import RouterConfig, WorkerConfig
+    from meshserve.common.config import RouterConfig, WorkerConfig
     from meshserve.router.server import start_router
     from meshserve.worker.server import start_worker
 

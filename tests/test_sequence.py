@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshserve.tokenizer import ModelTokenizer
+from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.sequence import Finish, SamplingOptions, Sequence
 
 

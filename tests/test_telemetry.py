@@ -123,7 +123,7 @@ def test_a_fan_out_request_is_one_trace_with_a_child_per_sub_request(spans, mesh
 
 
 def test_a_stream_resumed_on_another_worker_stays_in_the_same_trace(spans, loop_thread, model_dir):
-    from meshserve.config import RouterConfig, WorkerConfig
+    from meshserve.common.config import RouterConfig, WorkerConfig
     from meshserve.router.server import start_router
     from meshserve.worker.server import start_worker
 

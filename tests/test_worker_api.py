@@ -7,7 +7,7 @@ import threading
 import grpc
 import pytest
 
-from meshserve.errors import bad_request_fields
+from meshserve.common.errors import bad_request_fields
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 
@@ -97,7 +97,7 @@ def test_watch_load_rejects_a_too_short_interval(mesh):
 @pytest.fixture(scope="module")
 def small_worker(loop_thread):
     """A worker whose KV pool holds 256 tokens (16 blocks of 16)."""
-    from meshserve.config import WorkerConfig
+    from meshserve.common.config import WorkerConfig
     from meshserve.worker.server import start_worker
 
     server = loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, threads=1, kv_cache_memory="1MiB")))
@@ -106,7 +106,7 @@ def small_worker(loop_thread):
 
 
 def test_prompt_beyond_the_kv_pool_is_resource_exhausted(small_worker):
-    from meshserve.channels import sync_channel
+    from meshserve.common.channels import sync_channel
 
     stub = worker_pb2_grpc.WorkerStub(sync_channel(small_worker.address))
     load = stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import free_ports
-
-from meshserve.channels import sync_channel, wait_until_serving
+from meshserve.common.channels import sync_channel, wait_until_serving
 from meshserve.v1 import router_pb2, router_pb2_grpc
 
 WAIT_S = 120
@@ -41,8 +40,8 @@ def workers_behind_a_router(
     loop_thread: Any, count: int, cache_dir: Path, tmp_path: Path, env: dict[str, str] | None = None
 ) -> Iterator[WorkerProcesses]:
     """`count` worker processes (built-in model) and an in-process router over them, all up; stopped after."""
-    from meshserve.config import RouterConfig
-    from meshserve.launcher import child_env
+    from meshserve.cli.launcher import child_env
+    from meshserve.common.config import RouterConfig
     from meshserve.router.server import start_router
 
     environment = child_env({**os.environ, "MESHSERVE_CACHE": str(cache_dir), **(env or {})})

@@ -1,0 +1,203 @@
+"""Checks a public GenerateRequest and turns it into the mesh's tokenised request.
+
+Every failure names its field.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from meshserve.aggregator.mapreduce import CHUNK_PLACEHOLDER, OUTPUTS_PLACEHOLDER
+from meshserve.common.errors import invalid_argument
+from meshserve.common.models import ServedModel
+from meshserve.common.sampling import sampling_violations, token_id_violations
+from meshserve.common.tokenizer import ChatTemplateError
+from meshserve.v1 import aggregator_pb2, common_pb2, inference_pb2
+
+MAX_PROMPT_BYTES = 4 * 1024 * 1024
+MAX_TEMPLATE_BYTES = 64 * 1024
+FAN_OUT_INPUTS = ("batch", "map_reduce")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+@dataclass
+class ValidatedRequest:
+    token_request: common_pb2.TokenRequest
+    n: int
+    model: ServedModel
+    # Set when the request fans out (n > 1, best_of > 1, a batch, a map-reduce): it goes to the aggregator.
+    fan_out: aggregator_pb2.FanOutRequest | None = None
+
+
+def validate(
+    request: inference_pb2.GenerateRequest, model: ServedModel, default_max_tokens: int, max_n: int
+) -> ValidatedRequest:
+    violations: list[tuple[str, str]] = []
+    sampling = request.sampling
+
+    kind = request.WhichOneof("input")
+    prompt_ids = [] if kind in FAN_OUT_INPUTS else _prompt_ids(request, model, violations)
+
+    if request.request_id and not REQUEST_ID.match(request.request_id):
+        violations.append(("request_id", "must be 1-128 characters of letters, digits and . _ : / -"))
+    n = request.n or 1
+    if n > max_n:
+        violations.append(("n", f"must be between 1 and {max_n}"))
+    best_of = request.best_of or n
+    if request.best_of and not n <= best_of <= max_n:
+        violations.append(("best_of", f"must be between n ({n}) and {max_n}, got {best_of}"))
+    if request.failure_policy not in common_pb2.FailurePolicy.values():
+        violations.append(("failure_policy", "must be one of " + ", ".join(common_pb2.FailurePolicy.keys()[1:])))
+    if request.priority not in common_pb2.Priority.values():
+        violations.append(("priority", "must be one of " + ", ".join(common_pb2.Priority.keys()[1:])))
+
+    context = model.info.max_context_length
+    room = context - len(prompt_ids)
+    if prompt_ids and room < 1:
+        violations.append(
+            (
+                "prompt",
+                f"is {len(prompt_ids)} tokens; the model's context of {context} leaves no room to generate",
+            )
+        )
+    if kind == "map_reduce":
+        # The reduce's prompt is the map outputs: a quarter of the context is left to its answer by default.
+        room = context // 4
+    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else max(1, min(default_max_tokens, room))
+    violations += sampling_violations(sampling, len(prompt_ids), context, model.info.vocab_size)
+    inputs: list[aggregator_pb2.FanOutInput] = []
+    if kind == "batch":
+        inputs = _batch_inputs(request.batch, sampling, model, default_max_tokens, max_n, violations)
+    elif kind == "map_reduce":
+        violations += _map_reduce_violations(request.map_reduce, model)
+
+    if violations:
+        raise invalid_argument(violations)
+
+    token_request = common_pb2.TokenRequest(
+        request_id=request.request_id or uuid.uuid4().hex,
+        model=model.name,
+        prompt_token_ids=prompt_ids,
+        sampling=sampling,
+        priority=request.priority or common_pb2.PRIORITY_NORMAL,
+    )
+    token_request.sampling.max_tokens = max_tokens
+    fan_out = None
+    if kind in FAN_OUT_INPUTS or best_of > 1:
+        # Its `request` is filled in when it is sent: the parent as admitted (tenant, priority).
+        fan_out = aggregator_pb2.FanOutRequest(
+            n=n,
+            best_of=best_of,
+            inputs=inputs,
+            dedupe=request.dedupe,
+            order_by_score=request.order_by_score,
+            failure_policy=request.failure_policy,
+        )
+        if kind == "map_reduce":
+            task = request.map_reduce
+            fan_out.map_reduce.text = task.text
+            fan_out.map_reduce.map_template = task.map_template
+            fan_out.map_reduce.reduce_template = task.reduce_template
+            fan_out.map_reduce.chunk_tokens = task.chunk_tokens
+            if task.HasField("map_sampling"):
+                fan_out.map_reduce.map_sampling.CopyFrom(task.map_sampling)
+    return ValidatedRequest(token_request, n, model, fan_out)
+
+
+def _batch_inputs(
+    batch: inference_pb2.BatchInputs,
+    sampling: common_pb2.SamplingParams,
+    model: ServedModel,
+    default_max_tokens: int,
+    max_n: int,
+    violations: list[tuple[str, str]],
+) -> list[aggregator_pb2.FanOutInput]:
+    """Each input tokenised. Whether its prompt fits the context is left to its own sub-request, so that
+    under best_effort one input too long fails alone."""
+    if not 1 <= len(batch.inputs) <= max_n:
+        violations.append(("batch.inputs", f"must hold between 1 and {max_n} inputs, got {len(batch.inputs)}"))
+        return []
+    context, vocab_size = model.info.max_context_length, model.info.vocab_size
+    inputs = []
+    for i, item in enumerate(batch.inputs):
+        field = f"batch.inputs[{i}]"
+        ids = _prompt_ids(item, model, violations, prefix=f"{field}.")
+        fan_out_input = aggregator_pb2.FanOutInput(prompt_token_ids=ids)
+        if item.HasField("sampling"):
+            for name, why in sampling_violations(item.sampling, 0, context, vocab_size):
+                violations.append((f"{field}.{name}", why))
+            fan_out_input.sampling.CopyFrom(item.sampling)
+        elif not sampling.HasField("max_tokens"):  # the default max_tokens depends on this input's length
+            fan_out_input.sampling.CopyFrom(sampling)
+        if fan_out_input.HasField("sampling") and not fan_out_input.sampling.HasField("max_tokens"):
+            fan_out_input.sampling.max_tokens = max(1, min(default_max_tokens, context - len(ids)))
+        inputs.append(fan_out_input)
+    return inputs
+
+
+def _map_reduce_violations(task: inference_pb2.MapReduce, model: ServedModel) -> list[tuple[str, str]]:
+    """Field checks; how the text splits and whether the outputs fit the reduce is the aggregator's to say."""
+    violations: list[tuple[str, str]] = []
+    context = model.info.max_context_length
+    if not task.text.strip():
+        violations.append(("map_reduce.text", "must hold some text"))
+    elif len(task.text.encode("utf-8")) > MAX_PROMPT_BYTES:
+        violations.append(("map_reduce.text", f"must be at most {MAX_PROMPT_BYTES} bytes"))
+    for name, placeholder in (("map_template", CHUNK_PLACEHOLDER), ("reduce_template", OUTPUTS_PLACEHOLDER)):
+        template = getattr(task, name)
+        if template and placeholder not in template:
+            violations.append((f"map_reduce.{name}", f"must contain {placeholder} (or be empty for the default)"))
+        elif len(template.encode("utf-8")) > MAX_TEMPLATE_BYTES:
+            violations.append((f"map_reduce.{name}", f"must be at most {MAX_TEMPLATE_BYTES} bytes"))
+    if task.chunk_tokens and not 4 <= task.chunk_tokens < context:
+        violations.append(("map_reduce.chunk_tokens", f"must be 0 (automatic) or between 4 and {context - 1}"))
+    if task.HasField("map_sampling"):
+        for name, why in sampling_violations(task.map_sampling, 0, context, model.info.vocab_size):
+            violations.append((f"map_reduce.map_{name}", why))  # sampling.top_p -> map_reduce.map_sampling.top_p
+    return violations
+
+
+def _prompt_ids(
+    request: inference_pb2.GenerateRequest | inference_pb2.BatchInput,
+    model: ServedModel,
+    violations: list[tuple[str, str]],
+    prefix: str = "",
+) -> list[int]:
+    """The input's token ids; violations are named under `prefix` (a batch input's "batch.inputs[i].")."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        violations.append((f"{prefix}input", "one of prompt, messages or token_ids is required"))
+        return []
+    if kind == "prompt":
+        if not request.prompt:
+            violations.append((f"{prefix}prompt", "must not be empty"))
+            return []
+        if len(request.prompt.encode("utf-8")) > MAX_PROMPT_BYTES:
+            violations.append((f"{prefix}prompt", f"must be at most {MAX_PROMPT_BYTES} bytes"))
+            return []
+        return model.tokenizer.encode(request.prompt)
+    if kind == "messages":
+        messages = request.messages.messages
+        if not messages:
+            violations.append((f"{prefix}messages", "must hold at least one message"))
+            return []
+        bad_roles = [i for i, message in enumerate(messages) if not message.role]
+        for i in bad_roles:
+            violations.append((f"{prefix}messages[{i}].role", "must not be empty (system, user, assistant, ...)"))
+        if bad_roles:
+            return []
+        # The same bound as a prompt: rendering and tokenising a giant conversation would stall the gateway.
+        size = sum(len(m.content.encode("utf-8")) + len(m.role.encode("utf-8")) for m in messages)
+        if size > MAX_PROMPT_BYTES:
+            violations.append((f"{prefix}messages", f"must be at most {MAX_PROMPT_BYTES} bytes of text, got {size}"))
+            return []
+        try:
+            return model.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+        except ChatTemplateError as exc:
+            violations.append((f"{prefix}messages", str(exc)))
+            return []
+    ids = list(request.token_ids.ids)
+    violations += token_id_violations(f"{prefix}token_ids", ids, model.info.vocab_size)
+    return ids

@@ -1,0 +1,259 @@
+"""Running a parent's sub-requests and merging their outputs into one stream (semantics: inference.proto).
+
+Streamed groups pass their chunks through as they come (each already tagged with its output index
+by the worker). Held groups gather each candidate whole, then send the chosen ones in one message
+each. A failure either ends everything (fail_fast: the merge cancels every other sub-request) or
+becomes that index's error message (best_effort). The last message carries the usage of the whole
+request. Map-reduce runs the map groups first, then one reduce group over their outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from google.rpc import error_details_pb2
+
+from meshserve.aggregator.mapreduce import MapReducePlan
+from meshserve.aggregator.merge import merge_streams
+from meshserve.aggregator.plan import Group, candidate_requests
+from meshserve.aggregator.ranking import Candidate, choose
+from meshserve.common.errors import MeshError
+from meshserve.common.tokenizer import ModelTokenizer
+from meshserve.v1 import aggregator_pb2, common_pb2
+
+RunSubRequest = Callable[[common_pb2.TokenRequest], AsyncIterator[common_pb2.TokenChunk]]
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass
+class Totals:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    def usage(self) -> common_pb2.Usage:
+        return common_pb2.Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+        )
+
+
+@dataclass
+class _GroupState:
+    group: Group
+    label: str  # how errors name the input, e.g. "batch.inputs[3]"
+    candidates: list[Candidate]
+    sent: int = 0  # output positions used so far (held groups)
+    sent_tokens: set[tuple[int, ...]] = field(default_factory=set)
+    cached_prompt_tokens: int = 0
+
+
+class FanOut:
+    def __init__(
+        self,
+        parent: common_pb2.TokenRequest,
+        run_sub_request: RunSubRequest,
+        *,
+        best_effort: bool = False,
+        dedupe: bool = False,
+        order_by_score: bool = False,
+    ) -> None:
+        self.parent = parent
+        self.run_sub_request = run_sub_request
+        self.best_effort = best_effort
+        self.dedupe = dedupe
+        self.order_by_score = order_by_score
+        self.totals = Totals()
+
+    def is_held(self, n: int, best_of: int) -> bool:
+        return best_of > n or self.dedupe or self.order_by_score
+
+    async def run(self, groups: list[Group], labels: list[str]) -> AsyncIterator[aggregator_pb2.FanOutChunk]:
+        """Every group's outputs, merged, then the final message."""
+        async for message in self.run_groups(groups, labels, tag=""):
+            yield message
+        yield self.final()
+
+    def final(self) -> aggregator_pb2.FanOutChunk:
+        return aggregator_pb2.FanOutChunk(final=True, usage=self.totals.usage())
+
+    async def run_groups(
+        self, groups: list[Group], labels: list[str], tag: str
+    ) -> AsyncIterator[aggregator_pb2.FanOutChunk]:
+        states: list[_GroupState] = []
+        owners: list[tuple[_GroupState, int]] = []  # sub-request position -> (its group, candidate number)
+        requests: list[common_pb2.TokenRequest] = []
+        for group, label in zip(groups, labels, strict=True):
+            subs = candidate_requests(self.parent, group, tag=f"{tag}{group.input_index}-")
+            state = _GroupState(group, label, [Candidate(j) for j in range(len(subs))])
+            states.append(state)
+            owners += [(state, j) for j in range(len(subs))]
+            requests += subs
+            self.totals.prompt_tokens += len(group.prompt_token_ids)
+        streams = [self._sub_stream(position, request, owners[position]) for position, request in enumerate(requests)]
+        try:
+            async for position, item in merge_streams(streams):
+                state, number = owners[position]
+                candidate = state.candidates[number]
+                if isinstance(item, MeshError):
+                    candidate.fail(item)
+                    self.totals.completion_tokens += len(candidate.token_ids)
+                    for message in self._failed(state, candidate):
+                        yield message
+                    continue
+                if state.group.held:
+                    candidate.add(item)
+                else:
+                    candidate.token_ids.extend(item.token_ids)  # counted for usage should it fail later
+                    if item.finish_reason:
+                        candidate.finish_reason, candidate.usage = item.finish_reason, item.usage
+                    yield aggregator_pb2.FanOutChunk(chunk=item)
+                if item.finish_reason:
+                    self.totals.completion_tokens += item.usage.completion_tokens
+                    state.cached_prompt_tokens = max(state.cached_prompt_tokens, item.usage.cached_prompt_tokens)
+                    if state.group.held:
+                        for message in self._decided(state, candidate):
+                            yield message
+        finally:
+            self.totals.cached_prompt_tokens += sum(s.cached_prompt_tokens for s in states)
+
+    async def _sub_stream(
+        self, position: int, request: common_pb2.TokenRequest, owner: tuple[_GroupState, int]
+    ) -> AsyncIterator[tuple[int, common_pb2.TokenChunk | MeshError]]:
+        """One sub-request's chunks tagged with its position; its failure relabelled with the input it served."""
+        try:
+            async for chunk in self.run_sub_request(request):
+                yield position, chunk
+        except MeshError as exc:
+            state, number = owner
+            error = _relabel(exc, state, number)
+            if not self.best_effort:
+                raise error from exc
+            yield position, error
+
+    def _failed(self, state: _GroupState, candidate: Candidate) -> list[aggregator_pb2.FanOutChunk]:
+        group = state.group
+        if not group.held:
+            return [self._error_message(group, group.first_index + candidate.number, candidate)]
+        if self.is_ranking(group):
+            return self._decided(state, candidate)
+        position, state.sent = state.sent, state.sent + 1
+        return [self._error_message(group, group.first_index + position, candidate)]
+
+    def is_ranking(self, group: Group) -> bool:
+        return group.best_of > group.n or self.order_by_score
+
+    def _decided(self, state: _GroupState, finished: Candidate) -> list[aggregator_pb2.FanOutChunk]:
+        """Held outputs that can be sent now that `finished` ended: all of a ranked group once every candidate
+        has ended; with dedupe alone, this candidate at once unless it repeats one already sent."""
+        group = state.group
+        if not self.is_ranking(group):
+            key = tuple(finished.token_ids)
+            if self.dedupe and key in state.sent_tokens:
+                return []
+            state.sent_tokens.add(key)
+            position, state.sent = state.sent, state.sent + 1
+            return [self._held_message(group, group.first_index + position, finished)]
+        if not all(c.done for c in state.candidates):
+            return []
+        chosen = choose(state.candidates, group.n, self.dedupe)
+        messages = [self._held_message(group, group.first_index + j, c) for j, c in enumerate(chosen)]
+        failed = [c for c in state.candidates if c.error is not None]
+        for j, candidate in zip(range(len(chosen), group.n), failed, strict=False):
+            messages.append(self._error_message(group, group.first_index + j, candidate))
+        return messages
+
+    def _held_message(self, group: Group, index: int, candidate: Candidate) -> aggregator_pb2.FanOutChunk:
+        assert candidate.usage is not None
+        chunk = common_pb2.TokenChunk(
+            request_id=self.parent.request_id,
+            index=index,
+            token_ids=candidate.token_ids,
+            text=candidate.text,
+            finish_reason=candidate.finish_reason,
+            usage=candidate.usage,
+            logprobs=candidate.logprobs if group.sampling.logprobs else (),
+        )
+        message = aggregator_pb2.FanOutChunk(chunk=chunk)
+        if math.isfinite(candidate.mean_logprob):
+            message.mean_logprob = candidate.mean_logprob
+        return message
+
+    def _error_message(self, group: Group, index: int, candidate: Candidate) -> aggregator_pb2.FanOutChunk:
+        assert candidate.error is not None
+        prompt_tokens, completion_tokens = len(group.prompt_token_ids), len(candidate.token_ids)
+        chunk = common_pb2.TokenChunk(
+            request_id=self.parent.request_id,
+            index=index,
+            finish_reason=common_pb2.FINISH_REASON_ERROR,
+            usage=common_pb2.Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+        error = common_pb2.ErrorStatus(code=candidate.error.code.value[0], message=candidate.error.message)
+        return aggregator_pb2.FanOutChunk(chunk=chunk, error=error)
+
+    async def map_reduce(
+        self,
+        plan: MapReducePlan,
+        tokenizer: ModelTokenizer,
+        reduce_sampling: common_pb2.SamplingParams,
+        n: int,
+        best_of: int,
+    ) -> AsyncIterator[aggregator_pb2.FanOutChunk]:
+        """Every chunk's map call at once; then the reduce over their outputs, streamed as index 0 (.. n - 1)."""
+        count = len(plan.chunks)
+        groups = [
+            Group(i, tokenizer.encode(plan.map_prompt(chunk)), plan.map_sampling) for i, chunk in enumerate(plan.chunks)
+        ]
+        labels = [f"map chunk {i} of {count}" for i in range(count)]
+        outputs: list[list[str] | None] = [[] for _ in groups]
+        failures: list[common_pb2.ErrorStatus] = []
+        async for message in self.run_groups(groups, labels, tag="map"):
+            chunk_number = message.chunk.index
+            if message.HasField("error"):
+                outputs[chunk_number] = None
+                error = common_pb2.ErrorStatus()
+                error.CopyFrom(message.error)
+                error.map_chunk = chunk_number
+                failures.append(error)
+                yield aggregator_pb2.FanOutChunk(chunk=common_pb2.TokenChunk(index=0), error=error)
+            else:
+                texts = outputs[chunk_number]
+                assert texts is not None
+                texts.append(message.chunk.text)
+        mapped = ["".join(texts) for texts in outputs if texts is not None]
+        if not mapped:
+            first = failures[0]
+            raise MeshError(STATUS_BY_NUMBER[first.code], f"every map call failed; the first: {first.message}")
+        reduce_ids = tokenizer.encode(plan.reduce_prompt(mapped))
+        reduce = Group(0, reduce_ids, reduce_sampling, n, best_of, held=self.is_held(n, best_of))
+        async for message in self.run_groups([reduce], ["the reduce"], tag="reduce"):
+            yield message
+        yield self.final()
+
+
+def _relabel(error: MeshError, state: _GroupState, number: int) -> MeshError:
+    """The sub-request's error, saying which input (and candidate) failed; field violations under the input."""
+    group = state.group
+    which = state.label
+    if group.best_of > 1:
+        which += f" (candidate {number}, seed + {number})" if group.held else f" (index {group.first_index + number})"
+    details = []
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.BadRequest) and state.label.startswith("batch."):
+            renamed = error_details_pb2.BadRequest()
+            for violation in detail.field_violations:
+                renamed.field_violations.add(
+                    field=f"{state.label}.{violation.field}", description=violation.description
+                )
+            detail = renamed
+        details.append(detail)
+    return MeshError(error.code, f"{which} failed: {error.message}", details)

@@ -1,0 +1,237 @@
+"""`meshserve up`: every service in its own process on this machine, started in order, stopped together."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshserve.common.channels import health_status
+from meshserve.common.config import WORKER_METRICS_OFFSET, cache_dir
+
+STATE_FILE_NAME = "mesh.json"
+
+
+@dataclass
+class Child:
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    reported_exit: bool = False
+
+
+def state_file() -> Path:
+    """Where `meshserve up` writes the addresses of the mesh it runs (read by `meshserve status`)."""
+    return cache_dir() / STATE_FILE_NAME
+
+
+def run_mesh(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        print("meshserve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    log_dir = Path(args.log_dir) if args.log_dir else cache_dir() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children: list[Child] = []
+    stop = _install_stop_handlers()
+    try:
+        if not args.model:
+            _build_builtin_model()  # once here, not raced by N workers (which then find it in the cache)
+        model_flags = ["--model", args.model] if args.model else []
+        host = args.host
+        worker_addresses = [f"{host}:{args.worker_port + i}" for i in range(args.workers)]
+        router_address = f"{host}:{args.router_port}"
+        aggregator_address = f"{host}:{args.aggregator_port}"
+        gateway_address = f"{host}:{args.port}"
+        plan = [
+            *[
+                (
+                    f"worker-{i}",
+                    address,
+                    ["worker", *model_flags, "--max-num-seqs", str(args.max_num_seqs)],
+                )
+                for i, address in enumerate(worker_addresses)
+            ],
+            ("router", router_address, ["router", "--workers", ",".join(worker_addresses)]),
+            ("aggregator", aggregator_address, ["aggregator", "--router", router_address]),
+            (
+                "gateway",
+                gateway_address,
+                [
+                    "gateway",
+                    *("--router", router_address, "--aggregator", aggregator_address),
+                    *("--http-port", str(args.http_port)),
+                ],
+            ),
+        ]
+        print(f"meshserve: starting {len(plan)} services (logs in {log_dir})", flush=True)
+        for name, address, command in plan:
+            port = address.rsplit(":", 1)[1]
+            flags = ["--host", host, "--port", port, "--metrics-port", str(_metrics_port(name, args.metrics_port))]
+            if args.trace:
+                flags += ["--trace", args.trace]
+            children.append(_spawn(name, address, [*command, *flags], log_dir))
+        # Workers load the model in parallel; the others start in a second or two.
+        for child in children:
+            if not _wait_ready(child, children, args.start_timeout, stop):
+                return 1
+        _write_state(children)
+        print("meshserve: the mesh is up", flush=True)
+        for child in children:
+            print(f"  {child.name:<12} {child.address:<22} pid {child.process.pid}", flush=True)
+        if args.http_port > 0:
+            web = f"http://{host if ':' not in host else f'[{host}]'}:{args.http_port}"
+            print(f"  chat page    {web}/    OpenAI-compatible API {web}/v1", flush=True)
+        print('try: meshserve generate "Hello" --stream    (Ctrl-C stops the mesh)', flush=True)
+        return _supervise(children, stop)
+    finally:
+        _stop_all(children)
+        state = state_file()
+        if state.exists() and json.loads(state.read_text()).get("pid") == os.getpid():
+            state.unlink()
+
+
+def _metrics_port(name: str, base: int) -> int:
+    """Gateway at base, router +1, aggregator +2, worker i at +WORKER_METRICS_OFFSET+i; 0 turns them all off."""
+    if not base:
+        return 0
+    if name.startswith("worker-"):
+        return base + WORKER_METRICS_OFFSET + int(name.removeprefix("worker-"))
+    return base + {"gateway": 0, "router": 1, "aggregator": 2}[name]
+
+
+def _build_builtin_model() -> None:
+    # In a child process: the launcher itself never imports torch.
+    result = subprocess.run(
+        [sys.executable, "-m", "meshserve.cli", "builtin-model"], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"meshserve: could not create the built-in model:\n{result.stderr}")
+
+
+def _install_stop_handlers() -> list[int]:
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def _spawn(name: str, address: str, command: list[str], log_dir: Path) -> Child:
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "meshserve.cli", *command],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Own session: Ctrl-C reaches only the launcher, which stops the services in order.
+            start_new_session=True,
+            env=child_env(),
+        )
+    return Child(name, address, process, log_path)
+
+
+PARENT_PID_ENV = "MESHSERVE_PARENT_PID"
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a service process that must not outlive this one (see `die_with_parent`)."""
+    return {**(os.environ if base is None else base), PARENT_PID_ENV: str(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """Linux: arm SIGTERM for when the parent named in the environment dies without cleaning up (e.g. SIGKILL).
+
+    The child arms it itself at start-up rather than through `preexec_fn`: code run between fork and exec
+    in a parent with threads (gRPC, torch) can crash or deadlock the child.
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _wait_ready(child: Child, children: list[Child], timeout: float, stop: list[int]) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop:
+        for other in children:
+            if other.process.poll() is not None:
+                _report_exit(other)
+                return False
+        if health_status(child.address, timeout=1.0) == "SERVING":
+            return True
+        time.sleep(0.25)
+    if not stop:
+        print(
+            f"meshserve: {child.name} was not ready after {timeout:.0f} s; see {child.log_path}",
+            file=sys.stderr,
+        )
+    return False
+
+
+def _supervise(children: list[Child], stop: list[int]) -> int:
+    """Runs until Ctrl-C/SIGTERM. A child that dies is reported; the rest keep serving."""
+    while not stop:
+        for child in children:
+            if child.process.poll() is not None and not child.reported_exit:
+                _report_exit(child)
+        if all(child.process.poll() is not None for child in children):
+            print("meshserve: every service has exited", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    print("\nmeshserve: stopping", flush=True)
+    return 0
+
+
+def _report_exit(child: Child) -> None:
+    child.reported_exit = True
+    code = child.process.returncode
+    print(
+        f"meshserve: {child.name} ({child.address}, pid {child.process.pid}) exited unexpectedly "
+        f"with code {code}; "
+        f"the other services keep running. Last lines of {child.log_path}:",
+        file=sys.stderr,
+    )
+    try:
+        for line in child.log_path.read_text(errors="replace").splitlines()[-10:]:
+            print(f"    {line}", file=sys.stderr)
+    except OSError:
+        pass
+
+
+def _stop_all(children: list[Child], grace: float = 15.0) -> None:
+    """SIGTERM front to back (gateway first, workers last) so nothing new arrives at a stopping service."""
+    for child in reversed(children):
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in reversed(children):
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"meshserve: {child.name} did not stop in {grace:.0f} s; killing it", file=sys.stderr)
+            child.process.kill()
+            child.process.wait()
+
+
+def _write_state(children: list[Child]) -> None:
+    state = {
+        "pid": os.getpid(),
+        "services": [{"name": c.name, "address": c.address, "pid": c.process.pid} for c in children],
+    }
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    state_file().write_text(json.dumps(state, indent=2) + "\n")

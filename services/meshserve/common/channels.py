@@ -1,0 +1,73 @@
+"""Client side of the mesh: channels with one set of options, and health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshserve.common.telemetry import client_interceptors
+
+# Tokenizer files travel in ModelInfo; large vocabularies reach tens of MB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def aio_channel(address: str) -> grpc.aio.Channel:
+    """A channel to another service; calls on it carry the caller's trace context."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+
+
+def sync_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
+    """The grpc.health.v1 status name of a server ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE"."""
+    with sync_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            return (
+                "UNREACHABLE"
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                else exc.code().name
+            )
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_until_serving(address: str, timeout: float, service: str = "", poll_seconds: float = 0.2) -> bool:
+    """Polls a server's health until it says SERVING or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if health_status(address, service, timeout=min(2.0, max(0.1, deadline - time.monotonic()))) == "SERVING":
+            return True
+        if time.monotonic() + poll_seconds > deadline:
+            return False
+        time.sleep(poll_seconds)
+
+
+async def aio_wait_until_serving(address: str, timeout: float, poll_seconds: float = 0.2) -> bool:
+    return await asyncio.to_thread(wait_until_serving, address, timeout, "", poll_seconds)
+
+
+async def relay(call: grpc.aio.UnaryStreamCall[Any, Any]) -> AsyncIterator[Any]:
+    """Yields a server stream's messages; if our consumer stops or is cancelled, so is the call."""
+    try:
+        async for message in call:
+            yield message
+    finally:
+        call.cancel()

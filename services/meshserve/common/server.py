@@ -1,0 +1,115 @@
+"""The one gRPC server builder every service uses: health, reflection, free ports, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from meshserve.common.channels import CHANNEL_OPTIONS
+from meshserve.common.metrics import new_registry
+from meshserve.common.telemetry import server_interceptors
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Servicer:
+    """One gRPC service implementation and how to add it to a server."""
+
+    implementation: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    full_name: str  # e.g. "meshserve.v1.Worker", from the generated descriptor
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    address: str
+    service_names: list[str]
+    health: health.aio.HealthServicer
+    # The service's Prometheus metrics; the process entry point serves them on --metrics-port.
+    metrics: CollectorRegistry = field(default_factory=new_registry)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Called when stopping begins, before the grace period (e.g. to report draining to subscribers).
+    on_drain: list[Callable[[], None]] = field(default_factory=list)
+    _stopped: bool = False
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        await self.health.set("", status)
+        for name in self.service_names:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stops taking calls, gives running ones `grace` seconds, then releases the service's resources."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.set_serving(False)
+        for drain in self.on_drain:
+            drain()
+        await self.server.stop(grace)
+        for cleanup in reversed(self.on_stop):
+            await cleanup()
+
+
+async def start_server(
+    host: str,
+    port: int,
+    servicers: Sequence[Servicer],
+    *,
+    serving: bool = True,
+    metrics: CollectorRegistry | None = None,
+) -> RunningServer:
+    """Starts a grpc.aio server with health, reflection and tracing on host:port (port 0 picks a free one)."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=server_interceptors())
+    for servicer in servicers:
+        servicer.add_to_server(servicer.implementation, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [s.full_name for s in servicers]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound_port = server.add_insecure_port(bind)
+    except RuntimeError as exc:
+        raise SystemExit(f"meshserve: cannot listen on {bind} ({exc}); is another process using the port?") from exc
+    await server.start()
+    running = RunningServer(
+        server, f"{bind.rsplit(':', 1)[0]}:{bound_port}", names, health_servicer, metrics or new_registry()
+    )
+    await running.set_serving(serving)
+    return running
+
+
+async def serve_until_signalled(running: RunningServer, service: str, drain_seconds: float) -> None:
+    """Serves until SIGTERM or SIGINT, then drains: NOT_SERVING, in-flight calls get drain_seconds to end."""
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    log.info("%s serving on %s", service, running.address)
+    stop_requested_task = asyncio.create_task(stop_requested.wait())
+    terminated_task = asyncio.create_task(running.server.wait_for_termination())
+    await asyncio.wait({stop_requested_task, terminated_task}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("%s draining for up to %.0f s", service, drain_seconds)
+    await running.stop(drain_seconds)
+    for task in (stop_requested_task, terminated_task):
+        task.cancel()
+    log.info("%s stopped", service)

@@ -1,0 +1,186 @@
+"""The router's view of its workers: live load from each worker's WatchLoad stream, room, choice, affinity."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from meshserve.common.channels import aio_channel
+from meshserve.router.discovery import Source
+from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_MS = 20
+RECONNECT_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0)
+AFFINITY_PREFIX_TOKENS = 64  # the leading tokens that key prefix affinity (four 16-token blocks)
+AFFINITY_ENTRIES = 10_000
+
+
+@dataclass
+class WorkerEndpoint:
+    address: str
+    stub: worker_pb2_grpc.WorkerStub
+    channel: grpc.aio.Channel
+    # Requests the router has sent and not yet seen finish.
+    in_flight: int = 0
+    dispatched: int = 0
+    # When it was last picked: among equally loaded workers the longest unused goes first.
+    last_picked: int = 0
+    model: common_pb2.ModelInfo | None = field(default=None, repr=False)
+    load: worker_pb2.LoadReport | None = field(default=None, repr=False)
+    # Its load stream is connected. A failed call marks it down until the stream reconnects.
+    connected: bool = False
+    # Discovery no longer lists it: no new work; it leaves the pool once idle.
+    removed: bool = False
+
+    @property
+    def up(self) -> bool:
+        return self.connected and not self.removed and self.load is not None and not self.load.draining
+
+    @property
+    def busy(self) -> int:
+        """Sequences on it: what it reports, or what the router has sent, whichever is more (reports lag)."""
+        reported = self.load.running_sequences + self.load.waiting_sequences if self.load else 0
+        return max(self.in_flight, reported)
+
+    def has_room(self, overflow: int = 0) -> bool:
+        return self.up and self.load is not None and self.busy < self.load.max_num_seqs + overflow
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        sources: list[Source],
+        on_change: Callable[[], None],
+        affinity_slack: int = 2,
+        refresh_seconds: float = 10.0,
+    ) -> None:
+        self.sources = sources
+        self.workers: list[WorkerEndpoint] = []
+        self.on_change = on_change
+        self.affinity_slack = affinity_slack
+        self.refresh_seconds = refresh_seconds
+        self._picks = 0
+        self._affinity: OrderedDict[int, str] = OrderedDict()  # prompt-prefix hash -> worker address
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._refresher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Finds the workers once now, then again every refresh_seconds."""
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Adds workers that appeared; those that disappeared get no new work and leave once idle."""
+        found: set[str] = set()
+        for source in self.sources:
+            try:
+                found |= await source.resolve()
+            except Exception as exc:  # a lookup failing now must not take the known workers away
+                log.warning("could not resolve workers from %s: %s", source, exc)
+                found |= {w.address for w in self.workers if not w.removed}
+        known = {w.address for w in self.workers}
+        for address in sorted(found - known):
+            channel = aio_channel(address)
+            worker = WorkerEndpoint(address, worker_pb2_grpc.WorkerStub(channel), channel)
+            self.workers.append(worker)
+            self._watchers[address] = asyncio.create_task(self._watch(worker))
+            log.info("worker %s added", address)
+        for worker in self.workers:
+            worker.removed = worker.address not in found
+        for worker in [w for w in self.workers if w.removed and w.in_flight == 0]:
+            self.workers.remove(worker)
+            self._watchers.pop(worker.address).cancel()
+            await worker.channel.close()
+            log.info("worker %s removed", worker.address)
+        self.on_change()
+
+    async def _watch(self, worker: WorkerEndpoint) -> None:
+        """Keeps worker.load current; marks the worker down while its stream is broken."""
+        failures = 0
+        while True:
+            try:
+                if worker.model is None:
+                    worker.model = await worker.stub.DescribeModel(worker_pb2.DescribeModelRequest(), timeout=5)
+                stream = worker.stub.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=WATCH_INTERVAL_MS))
+                async for report in stream:
+                    worker.load, worker.connected, failures = report, True, 0
+                    self.on_change()
+            except grpc.aio.AioRpcError as exc:
+                if worker.connected:
+                    log.warning("worker %s is down: %s", worker.address, exc.details() or exc.code().name)
+            worker.connected = False
+            self.on_change()
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(failures, len(RECONNECT_DELAYS_S) - 1)])
+            failures += 1
+
+    def mark_down(self, worker: WorkerEndpoint) -> None:
+        """A call to it failed: no new work until its load stream reconnects."""
+        worker.connected = False
+        self.on_change()
+
+    def choose(self, request: common_pb2.TokenRequest, overflow: int = 0) -> WorkerEndpoint | None:
+        """The least busy worker with room that serves the request's model, preferring the one that last
+        served the same prompt prefix (its KV cache may hold it) unless that one is busier by more than
+        affinity_slack; None when no worker has room."""
+        candidates = [
+            w
+            for w in self.workers
+            if w.has_room(overflow) and (not request.model or (w.model and w.model.name == request.model))
+        ]
+        if not candidates:
+            return None
+        chosen = min(candidates, key=lambda w: (w.busy, w.last_picked))
+        key = prefix_key(request.prompt_token_ids)
+        preferred = next((w for w in candidates if w.address == self._affinity.get(key)), None)
+        if preferred is not None and preferred.busy <= chosen.busy + self.affinity_slack:
+            chosen = preferred
+        self._affinity[key] = chosen.address
+        self._affinity.move_to_end(key)
+        while len(self._affinity) > AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
+        self._picks += 1
+        chosen.last_picked = self._picks
+        return chosen
+
+    def models(self) -> list[common_pb2.ModelInfo]:
+        found: dict[str, common_pb2.ModelInfo] = {}
+        for worker in self.workers:
+            if worker.model is not None:
+                found.setdefault(worker.model.name, worker.model)
+        return list(found.values())
+
+    async def describe(self, timeout: float = 5.0) -> list[common_pb2.ModelInfo]:
+        """What the workers serve, asking those not yet described."""
+
+        async def describe_one(worker: WorkerEndpoint) -> None:
+            if worker.model is None:
+                try:
+                    worker.model = await worker.stub.DescribeModel(worker_pb2.DescribeModelRequest(), timeout=timeout)
+                except grpc.aio.AioRpcError as exc:
+                    log.info("worker %s did not describe its model: %s", worker.address, exc.code().name)
+
+        await asyncio.gather(*(describe_one(w) for w in self.workers))
+        return self.models()
+
+    async def close(self) -> None:
+        tasks = [*self._watchers.values(), *([self._refresher] if self._refresher else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(w.channel.close() for w in self.workers))
+
+
+def prefix_key(prompt_token_ids) -> int:
+    return hash(tuple(prompt_token_ids[:AFFINITY_PREFIX_TOKENS]))

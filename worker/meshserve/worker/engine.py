@@ -1,0 +1,265 @@
+"""The worker's serving loop: schedule a step, run the model on it, sample, hand out tokens; repeat.
+
+Sequences join at any step and leave as soon as they finish, are cancelled or pass their
+deadline, freeing their KV blocks. The loop runs on one thread; submit, cancel and the load
+snapshot are the only things other threads touch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from meshserve.common.tokenizer import ModelTokenizer
+from meshserve.worker.block_manager import BlockManager
+from meshserve.worker.model_runner import ModelRunner
+from meshserve.worker.sampler import sample
+from meshserve.worker.scheduler import ScheduledChunk, Scheduler
+from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput
+
+log = logging.getLogger(__name__)
+
+THROUGHPUT_WINDOW_S = 5.0
+NUM_PRIORITIES = 6  # Priority enum values 0..5
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    running_sequences: int
+    waiting_sequences: int
+    waiting_by_priority: tuple[int, ...]
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    sequences_finished: int
+    sequences_cancelled: int
+    generated_tokens: int
+    free_kv_blocks: int
+    total_kv_blocks: int
+    kv_block_size: int
+    tokens_per_second: float
+    prefix_cache_hit_rate: float
+    preemptions: int
+    draining: bool
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: ModelTokenizer,
+        max_num_seqs: int,
+        max_num_batched_tokens: int = 512,
+        prefix_caching: bool = True,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.block_manager = BlockManager(runner.kv.num_blocks, runner.kv.block_size, prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self._incoming: collections.deque[Sequence] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.draining = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._finished = 0
+        self._cancelled = 0
+        self._generated_tokens = 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self._load = self._snapshot()
+        # Called from the engine thread with the number of sequences of each step that ran (metrics).
+        self.on_step: Callable[[int], None] | None = None
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.max_num_seqs
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends every sequence (cancelled) and joins the loop."""
+        with self._wake:
+            self._stopping = True
+            self.draining = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def start_draining(self) -> None:
+        """Reported in the load from now on, so schedulers send nothing new; running sequences go on."""
+        self.draining = True
+
+    def new_sequence(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        options: SamplingOptions,
+        emit: Callable[[SequenceOutput], None],
+        **kwargs: Any,
+    ) -> Sequence:
+        """A sequence for this engine's model (eos ids, context, detokeniser); kwargs: priority, deadline."""
+        return Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            options=options,
+            detokenizer=self.tokenizer.detokenizer(prompt_ids),
+            eos_token_ids=self.runner.eos_token_ids,
+            max_context_length=self.runner.max_context_length,
+            emit=emit,
+            **kwargs,
+        )
+
+    def submit(self, sequence: Sequence) -> None:
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine is stopping")
+            self._incoming.append(sequence)
+            self._wake.notify()
+
+    def wake(self) -> None:
+        """Makes the loop look at cancellations now, even when idle."""
+        with self._wake:
+            self._wake.notify()
+
+    def load(self) -> EngineLoad:
+        with self._wake:
+            return dataclasses.replace(self._load, draining=self.draining)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._incoming and not self.scheduler.has_work() and not self._stopping:
+                    self._wake.wait()
+                stopping = self._stopping
+                incoming = list(self._incoming)
+                self._incoming.clear()
+            for sequence in incoming:
+                self.scheduler.add(sequence)
+            if stopping:
+                for sequence in self.scheduler.running + self.scheduler.waiting:
+                    self._end(sequence, Finish.CANCELLED)
+                self._publish_load()
+                return
+            self.step()
+
+    def step(self) -> None:
+        """One iteration: drop cancelled and expired sequences, then schedule, compute and sample."""
+        now = time.monotonic()
+        for sequence in self.scheduler.running + self.scheduler.waiting:
+            if sequence.cancel_requested or sequence.expired(now):
+                self._end(sequence, Finish.CANCELLED)
+        chunks = self.scheduler.schedule()
+        if chunks:
+            self._run(chunks)
+            if self.on_step is not None:
+                self.on_step(len(chunks))
+        elif self.scheduler.waiting and not self.scheduler.running:
+            # Nothing runs, so the whole pool was free and the first in line still did not fit: it never will.
+            sequence = self.scheduler.waiting[0]
+            needed = self.block_manager.blocks_needed(sequence.num_tokens)
+            self._end(sequence, Finish.ERROR, f"needs {needed} KV blocks; the pool has {self.block_manager.num_blocks}")
+        self._publish_load()
+
+    def _run(self, chunks: list[ScheduledChunk]) -> None:
+        try:
+            logits = self.runner.run(chunks)
+        except Exception as exc:
+            if len(chunks) > 1:
+                # Find the culprit: each chunk again on its own (rewriting the same KV slots is harmless).
+                log.warning("a model step over %d sequences failed (%s); running them one by one", len(chunks), exc)
+                for chunk in chunks:
+                    self._run([chunk])
+                return
+            log.exception("the model failed on sequence %s", chunks[0].sequence.request_id)
+            self._end(chunks[0].sequence, Finish.ERROR, f"the worker failed: {type(exc).__name__}: {exc}")
+            return
+        self.scheduler.update(chunks)
+        sampling = [chunk.sequence for chunk in chunks if chunk.samples]
+        if not sampling:
+            return
+        try:
+            tokens, logprobs = sample(logits, sampling)
+        except Exception as exc:
+            log.exception("sampling %d sequences failed", len(sampling))
+            for sequence in sampling:
+                self._end(sequence, Finish.ERROR, f"the worker failed to sample: {type(exc).__name__}: {exc}")
+            return
+        for sequence, token, logprob in zip(sampling, tokens, logprobs, strict=True):
+            try:
+                sequence.append_token(token, logprob)
+            except Exception as exc:  # one sequence's failure (detokeniser, consumer) is its own
+                log.exception("sequence %s failed", sequence.request_id)
+                sequence.finish = None
+                self._end(sequence, Finish.ERROR, f"the worker failed: {type(exc).__name__}: {exc}")
+                continue
+            if sequence.finished:
+                self.scheduler.remove(sequence)
+                self._count(sequence.finish)
+        with self._wake:
+            self._generated_tokens += len(sampling)
+            self._recent.append((time.monotonic(), len(sampling)))
+
+    def _end(self, sequence: Sequence, finish: Finish, error: str = "") -> None:
+        """Takes the sequence out of the scheduler (freeing its blocks) and tells its consumer."""
+        self.scheduler.remove(sequence)
+        if sequence.finished:
+            return
+        try:
+            sequence.end(finish, error)
+        except Exception:
+            log.exception("could not tell the consumer of %s that it ended", sequence.request_id)
+            sequence.finish = finish
+        self._count(finish)
+
+    def _count(self, finish: Finish | None) -> None:
+        with self._wake:
+            if finish == Finish.CANCELLED:
+                self._cancelled += 1
+            else:
+                self._finished += 1
+
+    def _publish_load(self) -> None:
+        load = self._snapshot()
+        with self._wake:
+            self._load = load
+
+    def _snapshot(self) -> EngineLoad:
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._recent.popleft()
+        window = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
+        by_priority = [0] * NUM_PRIORITIES
+        for sequence in self.scheduler.waiting:
+            by_priority[min(max(sequence.priority, 0), NUM_PRIORITIES - 1)] += 1
+        return EngineLoad(
+            running_sequences=len(self.scheduler.running),
+            waiting_sequences=len(self.scheduler.waiting) + len(self._incoming),
+            waiting_by_priority=tuple(by_priority),
+            max_num_seqs=self.scheduler.max_num_seqs,
+            max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
+            sequences_finished=self._finished,
+            sequences_cancelled=self._cancelled,
+            generated_tokens=self._generated_tokens,
+            free_kv_blocks=self.block_manager.num_free_blocks,
+            total_kv_blocks=self.block_manager.num_blocks,
+            kv_block_size=self.block_manager.block_size,
+            tokens_per_second=sum(n for _, n in list(self._recent)[1:]) / window if window > 0 else 0.0,
+            prefix_cache_hit_rate=self.block_manager.stats.hit_rate,
+            preemptions=self.scheduler.preemptions,
+            draining=self.draining,
+        )
+
+
+def set_threads(threads: int) -> int:
+    """Sets torch's CPU threads; 0 means half the cores (the other services need the rest)."""
+    chosen = threads if threads > 0 else max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(chosen)
+    return chosen

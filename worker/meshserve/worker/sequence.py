@@ -1,0 +1,212 @@
+"""The state of one sequence in the worker: its tokens, its stop conditions and the text it has emitted."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshserve.common.tokenizer import IncrementalDetokenizer
+
+NORMAL_PRIORITY = 3  # Priority.PRIORITY_NORMAL; lower numbers are more important
+_arrivals = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to recompute
+    RUNNING = "running"  # holds KV blocks and is scheduled every step
+    FINISHED = "finished"
+
+
+class Finish(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass
+class SequenceOutput:
+    """What one engine step produced for one sequence (several steps merge into one message downstream)."""
+
+    token_ids: list[int]
+    text: str
+    finish: Finish | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    error: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    options: SamplingOptions
+    detokenizer: IncrementalDetokenizer
+    eos_token_ids: frozenset[int]
+    max_context_length: int
+    # Called from the engine thread with every output; must be thread-safe.
+    emit: Callable[[SequenceOutput], None]
+    priority: int = NORMAL_PRIORITY
+    # time.monotonic() after which the sequence is dropped (cancelled); None: no deadline.
+    deadline: float | None = None
+    output_ids: list[int] = field(default_factory=list)
+    finish: Finish | None = None
+    # Engine state: the scheduler and the block manager own these.
+    status: Status = Status.WAITING
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    block_table: list[int] = field(default_factory=list)
+    # Leading tokens (prompt then output) whose keys and values are in the KV cache.
+    num_computed_tokens: int = 0
+    # Prompt tokens found in the prefix cache when the sequence was first scheduled.
+    cached_prompt_tokens: int | None = None
+    num_preemptions: int = 0
+    generator: Any = None  # the sampler's per-sequence random generator
+    # Text decoded but not yet emitted because it may be the beginning of a stop string.
+    _held_text: str = ""
+    _cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Scheduling order: more important priority first, then first come."""
+        return (self.priority, self.arrival)
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_requested.is_set()
+
+    def request_cancel(self) -> None:
+        """Thread-safe: the engine drops the sequence at its next step."""
+        self._cancel_requested.set()
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> None:
+        """Adds a sampled token, decides whether the sequence is done, and emits what is new."""
+        assert not self.finished, "a finished sequence takes no more tokens"
+        self.output_ids.append(token_id)
+        text = self._held_text + self.detokenizer.add(token_id)
+        finish = None
+        stop_at = _first_stop(text, self.options.stop)
+        if stop_at is not None:
+            text, finish = text[:stop_at], Finish.STOP
+        elif token_id in self.options.stop_token_ids or (
+            token_id in self.eos_token_ids and not self.options.ignore_eos
+        ):
+            finish = Finish.STOP
+        elif len(self.output_ids) >= self.options.max_tokens:
+            finish = Finish.LENGTH
+        elif len(self.prompt_ids) + len(self.output_ids) >= self.max_context_length:
+            finish = Finish.LENGTH
+        if finish is None:
+            keep = _longest_stop_prefix_suffix(text, self.options.stop)
+            text, self._held_text = (text[: len(text) - keep], text[len(text) - keep :]) if keep else (text, "")
+        else:
+            self._held_text = ""
+        self.finish = finish
+        self._emit([token_id], text, logprobs=[logprob] if logprob is not None else [])
+
+    def replay(self, token_ids: Seq[int]) -> None:
+        """Takes tokens the consumer already has (failover) without emitting them, so the detokeniser and
+        the text held back as a possible stop-string start are as if this sequence had produced them."""
+        emit = self.emit
+        self.emit = lambda output: None
+        try:
+            for token_id in token_ids:
+                self.append_token(token_id)
+                if self.finished:
+                    return
+        finally:
+            self.emit = emit
+
+    def end(self, finish: Finish, error: str = "") -> None:
+        """Finishes the sequence without a new token (cancelled, or failed)."""
+        if self.finished:
+            return
+        self.finish = finish
+        self._emit([], "", error)
+
+    def _emit(
+        self, token_ids: list[int], text: str, error: str = "", logprobs: list[TokenLogprob] | None = None
+    ) -> None:
+        self.emit(
+            SequenceOutput(
+                token_ids=token_ids,
+                text=text,
+                finish=self.finish,
+                prompt_tokens=len(self.prompt_ids),
+                completion_tokens=len(self.output_ids),
+                cached_prompt_tokens=self.cached_prompt_tokens or 0,
+                error=error,
+                logprobs=logprobs or [],
+            )
+        )
+
+
+def _first_stop(text: str, stops: Seq[str]) -> int | None:
+    positions = [pos for pos in (text.find(s) for s in stops) if pos >= 0]
+    return min(positions) if positions else None
+
+
+def _longest_stop_prefix_suffix(text: str, stops: Seq[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-length:]):
+                longest = length
+                break
+    return longest

@@ -15,6 +15,6 @@ def test_committed_stubs_match_regenerated(tmp_path):
     sys.modules["gen_protos"] = gen_protos
     spec.loader.exec_module(gen_protos)
     fresh = {p.name: p.read_bytes() for p in gen_protos.generate(tmp_path / "v1")}
-    committed = {p.name: p.read_bytes() for p in (ROOT / "services" / "v1").iterdir() if p.is_file()}
+    committed = {p.name: p.read_bytes() for p in (ROOT / "services" / "meshserve" / "v1").iterdir() if p.is_file()}
     stale = sorted(name for name in fresh.keys() | committed.keys() if fresh.get(name) != committed.get(name))
     assert not stale, f"regenerate with `python scripts/gen_protos.py`; out of date: {stale}"

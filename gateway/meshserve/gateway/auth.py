@@ -24,19 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshserve.common.enums import PRIORITY_BY_NAME, PRIORITY_NAMES
 from meshserve.common.errors import permission_denied, unauthenticated
 from meshserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-PRIORITIES = {
-    "critical": common_pb2.PRIORITY_CRITICAL,
-    "high": common_pb2.PRIORITY_HIGH,
-    "normal": common_pb2.PRIORITY_NORMAL,
-    "low": common_pb2.PRIORITY_LOW,
-    "batch": common_pb2.PRIORITY_BATCH,
-}
-PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 TENANT_FIELDS = {"name", "max_priority", "requests_per_second", "tokens_per_minute", "key_sha256"}
@@ -104,15 +97,15 @@ def parse_keys(data: Any) -> dict[str, Tenant]:
             raise ValueError(f"{where}.name {name!r} appears twice")
         names.add(name)
         max_priority = entry.get("max_priority", "normal")
-        if max_priority not in PRIORITIES:
-            raise ValueError(f"{where}.max_priority must be one of {', '.join(PRIORITIES)}")
+        if max_priority not in PRIORITY_BY_NAME:
+            raise ValueError(f"{where}.max_priority must be one of {', '.join(PRIORITY_BY_NAME)}")
         limits = {}
         for limit in ("requests_per_second", "tokens_per_minute"):
             value = entry.get(limit, 0)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{where}.{limit} must be a number >= 0 (0: unlimited)")
             limits[limit] = float(value)
-        tenant = Tenant(name, PRIORITIES[max_priority], **limits)
+        tenant = Tenant(name, PRIORITY_BY_NAME[max_priority], **limits)
         hashes = entry.get("key_sha256")
         if not isinstance(hashes, list) or not hashes:
             raise ValueError(f"{where}.key_sha256 must be a non-empty list of SHA-256 hex digests")

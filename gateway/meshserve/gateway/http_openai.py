@@ -15,21 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshserve.common.enums import FINISH_REASON_NAMES, PRIORITY_BY_NAME
 from meshserve.common.errors import invalid_argument
 from meshserve.common.tokenizer import ModelTokenizer
-from meshserve.gateway.auth import PRIORITIES
 from meshserve.v1 import common_pb2, inference_pb2
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 FLOAT32_MAX = 3.4028234663852886e38
-
-FINISH_REASONS = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
 
 # Accepted by both endpoints. top_k, min_p, repetition_penalty, ignore_eos and stop_token_ids are
 # meshserve's (as in vLLM), passed by the openai package through `extra_body`.
@@ -172,10 +165,10 @@ def _common(
         request.n = n
     priority = body.get("priority")
     if priority is not None:
-        if isinstance(priority, str) and priority.lower() in PRIORITIES:
-            request.priority = PRIORITIES[priority.lower()]
+        if isinstance(priority, str) and priority.lower() in PRIORITY_BY_NAME:
+            request.priority = PRIORITY_BY_NAME[priority.lower()]
         else:
-            violations.append(("priority", f"must be one of {', '.join(PRIORITIES)}, got {_short(priority)}"))
+            violations.append(("priority", f"must be one of {', '.join(PRIORITY_BY_NAME)}, got {_short(priority)}"))
     sampling = request.sampling
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -406,7 +399,7 @@ def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
 
 
 def finish_reason(reason: int) -> str | None:
-    return FINISH_REASONS.get(reason)
+    return FINISH_REASON_NAMES.get(reason)
 
 
 @dataclass

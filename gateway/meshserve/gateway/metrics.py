@@ -16,8 +16,9 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import Span, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from meshserve.common.enums import FINISH_REASON_NAMES, priority_name
 from meshserve.common.errors import status_code_name
-from meshserve.common.metrics import INTER_TOKEN_BUCKETS, LATENCY_BUCKETS, priority_label
+from meshserve.common.metrics import INTER_TOKEN_BUCKETS, LATENCY_BUCKETS
 from meshserve.common.telemetry import (
     GEN_AI_OPERATION_NAME,
     GEN_AI_REQUEST_CHOICE_COUNT,
@@ -32,7 +33,6 @@ from meshserve.common.telemetry import (
     GEN_AI_USAGE_OUTPUT_TOKENS,
     tracer,
 )
-from meshserve.gateway.http_openai import FINISH_REASONS  # the names OpenAI and the GenAI conventions use
 from meshserve.v1 import common_pb2, inference_pb2
 
 
@@ -122,7 +122,7 @@ class RequestObserver:
     def accepted(self, request: common_pb2.TokenRequest, model: str, choices: int) -> None:
         """The request was admitted as `request`: from here on it is labelled by model and priority."""
         self.model = model
-        self.priority = priority_label(request.priority)
+        self.priority = priority_name(request.priority)
         self.prompt_tokens = len(request.prompt_token_ids)
         self.span.update_name(f"{self.operation} {model}")
         self.span.set_attributes(
@@ -159,7 +159,7 @@ class RequestObserver:
             self.last_token[index] = now
             self.completion_tokens += count
         if finish_reason:
-            self.finish_reasons.append(FINISH_REASONS.get(finish_reason, "unknown"))
+            self.finish_reasons.append(FINISH_REASON_NAMES.get(finish_reason, "unknown"))
 
     def end(self, outcome: BaseException | None) -> None:
         code = status_code_name(outcome)

@@ -9,15 +9,14 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from meshserve.aggregator.mapreduce import CHUNK_PLACEHOLDER, OUTPUTS_PLACEHOLDER
 from meshserve.common.errors import invalid_argument
+from meshserve.common.map_reduce import template_violations
 from meshserve.common.models import ServedModel
 from meshserve.common.sampling import sampling_violations, token_id_violations
 from meshserve.common.tokenizer import ChatTemplateError
 from meshserve.v1 import aggregator_pb2, common_pb2, inference_pb2
 
 MAX_PROMPT_BYTES = 4 * 1024 * 1024
-MAX_TEMPLATE_BYTES = 64 * 1024
 FAN_OUT_INPUTS = ("batch", "map_reduce")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
@@ -145,12 +144,7 @@ def _map_reduce_violations(task: inference_pb2.MapReduce, model: ServedModel) ->
         violations.append(("map_reduce.text", "must hold some text"))
     elif len(task.text.encode("utf-8")) > MAX_PROMPT_BYTES:
         violations.append(("map_reduce.text", f"must be at most {MAX_PROMPT_BYTES} bytes"))
-    for name, placeholder in (("map_template", CHUNK_PLACEHOLDER), ("reduce_template", OUTPUTS_PLACEHOLDER)):
-        template = getattr(task, name)
-        if template and placeholder not in template:
-            violations.append((f"map_reduce.{name}", f"must contain {placeholder} (or be empty for the default)"))
-        elif len(template.encode("utf-8")) > MAX_TEMPLATE_BYTES:
-            violations.append((f"map_reduce.{name}", f"must be at most {MAX_TEMPLATE_BYTES} bytes"))
+    violations += template_violations(task.map_template, task.reduce_template)
     if task.chunk_tokens and not 4 <= task.chunk_tokens < context:
         violations.append(("map_reduce.chunk_tokens", f"must be 0 (automatic) or between 4 and {context - 1}"))
     if task.HasField("map_sampling"):

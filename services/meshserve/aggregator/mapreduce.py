@@ -1,7 +1,6 @@
 """Map-reduce over a long text: the chunk budget, the map prompts, and the reduce prompt over their outputs.
 
-Defaults are for summarisation. Templates use plain placeholders ({chunk}, {outputs}) replaced
-literally, so braces elsewhere in a template or in the text need no escaping. Only one reduce
+Templates and their defaults (summarisation) are meshserve.common.map_reduce's. Only one reduce
 runs: the map outputs must fit in its prompt, which is checked before any map call starts.
 """
 
@@ -11,16 +10,16 @@ from dataclasses import dataclass
 
 from meshserve.aggregator.chunking import split_text
 from meshserve.common.errors import invalid_argument
+from meshserve.common.map_reduce import (
+    CHUNK_PLACEHOLDER,
+    DEFAULT_MAP_TEMPLATE,
+    DEFAULT_REDUCE_TEMPLATE,
+    OUTPUTS_PLACEHOLDER,
+    template_violations,
+)
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.v1 import common_pb2
 
-CHUNK_PLACEHOLDER = "{chunk}"
-OUTPUTS_PLACEHOLDER = "{outputs}"
-DEFAULT_MAP_TEMPLATE = "Summarize the following text in a few sentences.\n\nText:\n{chunk}\n\nSummary:"
-DEFAULT_REDUCE_TEMPLATE = (
-    "The following are summaries of consecutive parts of one document. "
-    "Combine them into one concise summary of the whole document.\n\n{outputs}\n\nSummary:"
-)
 OUTPUT_SEPARATOR = "\n\n"
 MAX_DEFAULT_CHUNK_TOKENS = 1024
 MAX_DEFAULT_MAP_TOKENS = 128
@@ -58,12 +57,11 @@ def plan_map_reduce(
 
     Raises INVALID_ARGUMENT naming the field to change when they cannot.
     """
+    violations = template_violations(map_template, reduce_template)
+    if violations:
+        raise invalid_argument(violations)
     map_template = map_template or DEFAULT_MAP_TEMPLATE
     reduce_template = reduce_template or DEFAULT_REDUCE_TEMPLATE
-    if CHUNK_PLACEHOLDER not in map_template:
-        raise invalid_argument([("map_reduce.map_template", f"must contain {CHUNK_PLACEHOLDER}")])
-    if OUTPUTS_PLACEHOLDER not in reduce_template:
-        raise invalid_argument([("map_reduce.reduce_template", f"must contain {OUTPUTS_PLACEHOLDER}")])
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))

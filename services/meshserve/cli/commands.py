@@ -12,14 +12,8 @@ import grpc
 from meshserve.cli.launcher import state_file
 from meshserve.common import config as cfg
 from meshserve.common.channels import health_status, sync_channel
+from meshserve.common.enums import FINISH_REASON_NAMES
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
-
-FINISH_NAMES = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
 
 
 def build_request(args: argparse.Namespace) -> inference_pb2.GenerateRequest:
@@ -65,7 +59,7 @@ def generate_command(args: argparse.Namespace) -> int:
                 reply = stub.Generate(request, timeout=args.timeout, metadata=_credentials(args))
                 for completion in reply.completions:
                     if args.n > 1:
-                        print(f"--- [{completion.index}] ({FINISH_NAMES.get(completion.finish_reason, '?')})")
+                        print(f"--- [{completion.index}] ({FINISH_REASON_NAMES.get(completion.finish_reason, '?')})")
                     print(completion.text)
                 _print_usage(reply.usage)
         except grpc.RpcError as exc:
@@ -95,7 +89,7 @@ def _print_stream(stream: grpc.Call, n: int) -> None:
         else:
             pending.setdefault(chunk.index, []).append(chunk.text)
             if chunk.finish_reason:
-                reason = FINISH_NAMES.get(chunk.finish_reason, "?")
+                reason = FINISH_REASON_NAMES.get(chunk.finish_reason, "?")
                 print(f"--- [{chunk.index}] ({reason})\n{''.join(pending.pop(chunk.index))}", flush=True)
 
 

@@ -10,8 +10,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from meshserve.common import config as cfg
+from meshserve.common.enums import PRIORITY_BY_NAME
 
-PRIORITIES = ["critical", "high", "normal", "low", "batch"]
+PRIORITIES = list(PRIORITY_BY_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,14 +23,6 @@ INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 # Sequences in one engine step.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-PRIORITY_LABELS = {0: "normal", 1: "critical", 2: "high", 3: "normal", 4: "low", 5: "batch"}
-PRIORITY_CLASSES = ("critical", "high", "normal", "low", "batch")
-
-
-def priority_label(priority: int) -> str:
-    """The label value of a Priority enum value (unspecified counts as normal, as it is served)."""
-    return PRIORITY_LABELS.get(priority, "normal")
-
 
 def new_registry() -> CollectorRegistry:
     return CollectorRegistry(auto_describe=True)

@@ -8,7 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from meshserve.common.metrics import LATENCY_BUCKETS, PRIORITY_CLASSES, priority_label
+from meshserve.common.enums import PRIORITY_NAMES, priority_name
+from meshserve.common.metrics import LATENCY_BUCKETS
 from meshserve.router.dispatcher import Dispatcher
 
 
@@ -30,7 +31,7 @@ class RouterMetrics:
         registry.register(_DispatcherCollector(dispatcher))
 
     def finished(self, priority: int, code: str) -> None:
-        self.requests.labels(priority_label(priority), code).inc()
+        self.requests.labels(priority_name(priority), code).inc()
 
 
 class _DispatcherCollector(Collector):
@@ -48,9 +49,9 @@ class _DispatcherCollector(Collector):
             "How long the oldest waiting request of each class has waited",
             labels=["priority"],
         )
-        queued = dict.fromkeys(PRIORITY_CLASSES, (0, 0.0))
+        queued = dict.fromkeys(PRIORITY_NAMES.values(), (0, 0.0))
         for priority, (count, wait) in self.dispatcher.queue.stats().items():
-            label = priority_label(priority)
+            label = priority_name(priority)
             before = queued[label]
             queued[label] = (before[0] + count, max(before[1], wait))
         for label, (count, wait) in queued.items():
@@ -61,9 +62,9 @@ class _DispatcherCollector(Collector):
             "Requests refused or evicted with RESOURCE_EXHAUSTED because the queue was full",
             labels=["priority"],
         )
-        shed_counts = dict.fromkeys(PRIORITY_CLASSES, 0)
+        shed_counts = dict.fromkeys(PRIORITY_NAMES.values(), 0)
         for priority, count in self.dispatcher.queue.shed_by_priority.items():
-            shed_counts[priority_label(priority)] += count
+            shed_counts[priority_name(priority)] += count
         for label, count in shed_counts.items():
             shed.add_metric([label], count)
         yield depth

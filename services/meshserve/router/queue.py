@@ -24,16 +24,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshserve.common.enums import PRIORITY_CLASSES, priority_name, served_priority
 from meshserve.common.errors import MeshError, resource_exhausted
 from meshserve.v1 import common_pb2
 
-CLASSES = (
-    common_pb2.PRIORITY_CRITICAL,
-    common_pb2.PRIORITY_HIGH,
-    common_pb2.PRIORITY_NORMAL,
-    common_pb2.PRIORITY_LOW,
-    common_pb2.PRIORITY_BATCH,
-)
 SHEDDABLE = (common_pb2.PRIORITY_BATCH, common_pb2.PRIORITY_LOW)  # evicted in this order
 DEFAULT_EXPECTED_OUTPUT = 256  # tokens, when a request does not say max_tokens
 SHED_RETRY_AFTER_S = 1.0
@@ -42,7 +36,8 @@ _arrivals = itertools.count()
 
 
 def class_name(priority: int) -> str:
-    return common_pb2.Priority.Name(priority).removeprefix("PRIORITY_")
+    """CRITICAL ... BATCH, as queue messages name a class."""
+    return priority_name(priority).upper()
 
 
 @dataclass(eq=False)
@@ -62,7 +57,7 @@ class Pending:
 
     @classmethod
     def of(cls, request: common_pb2.TokenRequest) -> Pending:
-        priority = request.priority or common_pb2.PRIORITY_NORMAL
+        priority = served_priority(request.priority)
         expected = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else DEFAULT_EXPECTED_OUTPUT
         return cls(request, priority, request.tenant, len(request.prompt_token_ids) + expected)
 
@@ -122,7 +117,7 @@ class RequestQueue:
     def stats(self, now: float | None = None) -> dict[int, tuple[int, float]]:
         """Per class: (queued, oldest wait in seconds)."""
         now = time.monotonic() if now is None else now
-        out = {c: (0, 0.0) for c in CLASSES}
+        out = {c: (0, 0.0) for c in PRIORITY_CLASSES}
         for p in self._pending:
             count, oldest = out[p.priority]
             out[p.priority] = (count + 1, max(oldest, now - p.enqueued_at))
@@ -132,7 +127,7 @@ class RequestQueue:
         aged = (now - pending.enqueued_at) / self.aging_seconds
         level = pending.priority - int(aged)
         return (
-            level if level > CLASSES[0] else CLASSES[0],
+            level if level > PRIORITY_CLASSES[0] else PRIORITY_CLASSES[0],
             self._served[pending.fair_key],
             pending.cost / (1 + aged),
             pending.arrival,

@@ -13,9 +13,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from meshserve.common.config import RouterConfig
+from meshserve.common.enums import priority_name
 from meshserve.common.errors import MeshError, grpc_errors, invalid_argument, status_code_name
 from meshserve.common.logs import current_request_id
-from meshserve.common.metrics import new_registry, priority_label
+from meshserve.common.metrics import new_registry
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.telemetry import tracer
 from meshserve.router.children import ChildrenTracker
@@ -121,7 +122,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def _acquire(self, pending: Pending, timeout: float | None, failovers: int) -> WorkerEndpoint:
         """Waits in the queue for a worker with room, traced and measured per priority class."""
-        label = priority_label(pending.priority)
+        label = priority_name(pending.priority)
         with tracer.start_as_current_span(
             "router.queue", attributes={"meshserve.priority": label, "meshserve.router.attempt": failovers + 1}
         ):

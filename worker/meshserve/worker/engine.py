@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from meshserve.common.enums import NUM_PRIORITY_VALUES
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.block_manager import BlockManager
 from meshserve.worker.model_runner import ModelRunner
@@ -29,7 +30,6 @@ from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, Sequenc
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 5.0
-NUM_PRIORITIES = 6  # Priority enum values 0..5
 
 
 @dataclass(frozen=True)
@@ -236,9 +236,9 @@ class Engine:
         while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
         window = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
-        by_priority = [0] * NUM_PRIORITIES
+        by_priority = [0] * NUM_PRIORITY_VALUES
         for sequence in self.scheduler.waiting:
-            by_priority[min(max(sequence.priority, 0), NUM_PRIORITIES - 1)] += 1
+            by_priority[min(max(sequence.priority, 0), NUM_PRIORITY_VALUES - 1)] += 1
         return EngineLoad(
             running_sequences=len(self.scheduler.running),
             waiting_sequences=len(self.scheduler.waiting) + len(self._incoming),

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshserve.common.tokenizer import IncrementalDetokenizer
+from meshserve.v1 import common_pb2
 
-NORMAL_PRIORITY = 3  # Priority.PRIORITY_NORMAL; lower numbers are more important
 _arrivals = itertools.count()
 
 
@@ -23,11 +23,13 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-class Finish(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
-    ERROR = "error"
+class Finish(enum.IntEnum):
+    """Why a sequence ended: the proto's FinishReason values, so they go on the wire as they are."""
+
+    STOP = common_pb2.FINISH_REASON_STOP
+    LENGTH = common_pb2.FINISH_REASON_LENGTH
+    CANCELLED = common_pb2.FINISH_REASON_CANCELLED
+    ERROR = common_pb2.FINISH_REASON_ERROR
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Sequence:
     max_context_length: int
     # Called from the engine thread with every output; must be thread-safe.
     emit: Callable[[SequenceOutput], None]
-    priority: int = NORMAL_PRIORITY
+    priority: int = common_pb2.PRIORITY_NORMAL  # lower values are more important
     # time.monotonic() after which the sequence is dropped (cancelled); None: no deadline.
     deadline: float | None = None
     output_ids: list[int] = field(default_factory=list)

@@ -14,9 +14,10 @@ from opentelemetry.trace import Span, Status, StatusCode
 from prometheus_client import CollectorRegistry
 
 from meshserve.common.config import WorkerConfig
+from meshserve.common.enums import FINISH_REASON_NAMES, priority_name, served_priority
 from meshserve.common.errors import MeshError, grpc_errors, invalid_argument, status_code_name, unavailable
 from meshserve.common.logs import current_request_id
-from meshserve.common.metrics import new_registry, priority_label
+from meshserve.common.metrics import new_registry
 from meshserve.common.sampling import sampling_violations, token_id_violations
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.telemetry import (
@@ -37,22 +38,12 @@ from meshserve.worker.metrics import WorkerMetrics
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sampler import resumed_generator
 from meshserve.worker.sequence import (
-    NORMAL_PRIORITY,
-    Finish,
     SamplingOptions,
     SequenceOutput,
     TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
-
-FINISH_REASONS = {
-    Finish.STOP: common_pb2.FINISH_REASON_STOP,
-    Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    Finish.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
-    Finish.ERROR: common_pb2.FINISH_REASON_ERROR,
-}
-
 
 WATCH_HEARTBEAT_S = 1.0
 
@@ -91,7 +82,7 @@ class _SequenceTrace:
 
     def __init__(self, request: common_pb2.TokenRequest, model: str, metrics: WorkerMetrics) -> None:
         self.metrics = metrics
-        self.priority = priority_label(request.priority)
+        self.priority = priority_name(request.priority)
         self.started = self.last = time.monotonic()
         self.outcome: BaseException | None = None
         self.attributes = {
@@ -125,7 +116,7 @@ class _SequenceTrace:
             self.decode.set_attributes(
                 {
                     GEN_AI_USAGE_OUTPUT_TOKENS: output.completion_tokens,
-                    GEN_AI_RESPONSE_FINISH_REASONS: [output.finish.value if output.finish else ""],
+                    GEN_AI_RESPONSE_FINISH_REASONS: [FINISH_REASON_NAMES[output.finish] if output.finish else ""],
                     "meshserve.cached_prompt_tokens": output.cached_prompt_tokens,
                     "meshserve.preemptions": preemptions,
                 }
@@ -172,7 +163,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prompt,
             options,
             emit=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
-            priority=request.priority or NORMAL_PRIORITY,
+            priority=served_priority(request.priority),
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
         if resumed:  # failover: continue after the tokens the caller already has
@@ -335,7 +326,7 @@ def _chunk(request: common_pb2.TokenRequest, output: SequenceOutput) -> common_p
         logprobs=[_logprob(lp) for lp in output.logprobs],
     )
     if output.finish is not None:
-        chunk.finish_reason = FINISH_REASONS[output.finish]
+        chunk.finish_reason = output.finish
         chunk.usage.CopyFrom(
             common_pb2.Usage(
                 prompt_tokens=output.prompt_tokens,

@@ -18,9 +18,10 @@ import time
 
 from meshserve.common.channels import aio_channel
 from meshserve.common.config import RouterConfig, WorkerConfig
+from meshserve.common.enums import PRIORITY_CLASSES
 from meshserve.router.discovery import parse_sources
 from meshserve.router.dispatcher import Dispatcher
-from meshserve.router.queue import CLASSES, Pending, RequestQueue
+from meshserve.router.queue import Pending, RequestQueue
 from meshserve.router.server import start_router
 from meshserve.router.workers import WorkerPool
 from meshserve.v1 import common_pb2, router_pb2_grpc, worker_pb2_grpc
@@ -50,7 +51,7 @@ async def scheduling_overhead(worker_address: str, queued: int) -> float:
         for i in range(queued):
             request = common_pb2.TokenRequest(
                 prompt_token_ids=[rng.randrange(1000) for _ in range(rng.randint(10, 400))],
-                priority=rng.choice(CLASSES),
+                priority=rng.choice(PRIORITY_CLASSES),
                 tenant=f"tenant{rng.randrange(8)}",
                 request_id=str(i),
             )

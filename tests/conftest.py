@@ -1,32 +1,15 @@
-"""Fixtures: the built-in model in a private cache, and real services on free loopback ports."""
+"""Fixtures: the built-in model in a private cache, and real services on free loopback ports (see support.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
-import threading
-from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 import pytest
 
-T = TypeVar("T")
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 right now (for services started as separate processes)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
+from support import EventLoopThread, Mesh, in_process_mesh
 
 # Triton kernels run on CPU tensors through its interpreter; it must be chosen before triton is imported.
 os.environ["TRITON_INTERPRET"] = "1"
@@ -52,37 +35,6 @@ def model_dir(cache_dir: Path) -> Path:
     return ensure_builtin_model(cache_dir)
 
 
-class EventLoopThread:
-    """An asyncio loop in a background thread: servers live there, tests call them with blocking stubs."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="servers", daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
-@dataclass
-class Mesh:
-    gateway: str
-    router: str
-    aggregator: str
-    worker: str
-    servers: dict[str, Any]
-
-    def channel(self, address: str) -> grpc.Channel:
-        from meshserve.common.channels import sync_channel
-
-        return sync_channel(address)
-
-
 @pytest.fixture(scope="session")
 def loop_thread() -> Iterator[EventLoopThread]:
     thread = EventLoopThread()
@@ -93,31 +45,41 @@ def loop_thread() -> Iterator[EventLoopThread]:
 @pytest.fixture(scope="session")
 def mesh(model_dir: Path, loop_thread: EventLoopThread) -> Iterator[Mesh]:
     """gateway, router, aggregator and one worker, each a real gRPC server on 127.0.0.1:<free port>."""
-    from meshserve.aggregator.server import start_aggregator
-    from meshserve.common.channels import wait_until_serving
-    from meshserve.common.config import AggregatorConfig, GatewayConfig, RouterConfig, WorkerConfig
-    from meshserve.gateway.server import start_gateway
-    from meshserve.router.server import start_router
-    from meshserve.worker.server import start_worker
+    with in_process_mesh(loop_thread, seats=[8], grace=1.0) as started:
+        yield started
 
-    host = "127.0.0.1"
-    servers: dict[str, Any] = {}
-    servers["worker"] = loop_thread.run(
-        start_worker(WorkerConfig(host=host, port=0, max_num_seqs=8, threads=1))  # built-in model
-    )
-    worker = servers["worker"].address
-    servers["router"] = loop_thread.run(start_router(RouterConfig(host=host, port=0, workers=worker)))
-    router = servers["router"].address
-    servers["aggregator"] = loop_thread.run(start_aggregator(AggregatorConfig(host=host, port=0, router=router)))
-    aggregator = servers["aggregator"].address
-    servers["gateway"] = loop_thread.run(
-        start_gateway(GatewayConfig(host=host, port=0, http_port=0, router=router, aggregator=aggregator))
-    )
-    gateway = servers["gateway"].address
-    assert wait_until_serving(gateway, timeout=60), "the gateway never reported SERVING"
-    yield Mesh(gateway, router, aggregator, worker, servers)
-    for name in ("gateway", "aggregator", "router", "worker"):
-        loop_thread.run(servers[name].stop(1.0))
+
+@pytest.fixture(scope="session")
+def fan_out_mesh(model_dir: Path, loop_thread: EventLoopThread) -> Iterator[Any]:
+    """The aggregator tests' mesh: two workers behind a router, an aggregator with small bounds, a gateway
+    (a fan_out.FanOutMesh); those tests take it as their `mesh`."""
+    from fan_out import running_fan_out_mesh
+
+    with running_fan_out_mesh(loop_thread) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path) -> Any:
+    from meshserve.common.tokenizer import ModelTokenizer
+
+    return ModelTokenizer.from_dir(model_dir)
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, dict[str, str]]:
+    """The Helm chart rendered with each of chart_checks.VALUE_SETS: {values set: {template path: text}}."""
+    from chart_checks import VALUE_SETS, render
+
+    return {name: render(values) for name, values in VALUE_SETS.items()}
+
+
+@pytest.fixture(scope="session")
+def docs(rendered: dict[str, dict[str, str]]) -> dict[str, list[dict[str, Any]]]:
+    """The Kubernetes objects of each rendering in `rendered`."""
+    from chart_checks import objects
+
+    return {name: objects(files) for name, files in rendered.items()}
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,20 @@
-"""A gateway with its HTTP API, started against the session mesh's router and aggregator (for the HTTP tests)."""
+"""A gateway with its HTTP API, started against the session mesh's router and aggregator (for the HTTP tests).
+
+`wait_for` and `worker_load` are support.py's, importable from here too.
+"""
 
 from __future__ import annotations
 
 import http.client
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from meshserve.v1 import worker_pb2, worker_pb2_grpc
+from support import wait_for, worker_load
+
+__all__ = ["Gateway", "running_gateway", "wait_for", "worker_load"]
 
 
 @dataclass
@@ -64,16 +68,3 @@ def running_gateway(loop_thread: Any, mesh: Any, **overrides: Any) -> Iterator[G
         yield Gateway(server.address, server.http.address, server)
     finally:
         loop_thread.run(server.stop(1.0))
-
-
-def worker_load(mesh: Any) -> worker_pb2.LoadReport:
-    return worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker)).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
-
-
-def wait_for(condition: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return bool(condition())

@@ -6,19 +6,18 @@ import io
 import json
 import os
 import subprocess
-import sys
 
 import grpc
 import openai
 import pytest
 from google.rpc import error_details_pb2
 
-from conftest import free_ports
 from http_gateway import running_gateway
 from meshserve.common.errors import from_rpc_error
 from meshserve.gateway.auth import ANONYMOUS, KeyStore, Tenant, hash_key, is_loopback, parse_keys
 from meshserve.gateway.rate_limit import RateLimiter, TokenBucket
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
+from support import MESHSERVE, free_ports
 
 TENANTS = [
     {"name": "acme", "max_priority": "high", "key_sha256": [hash_key("acme-key"), hash_key("acme-key-2")]},
@@ -287,7 +286,7 @@ def test_no_keys_on_a_public_address_refuses_to_start_unless_allowed(keys_file):
 def test_the_gateway_command_says_why_it_refuses_to_start():
     grpc_port, http_port = free_ports(2)
     result = subprocess.run(
-        [sys.executable, "-m", "meshserve.cli", "gateway", "--host", "0.0.0.0", "--port", str(grpc_port),
+        [*MESHSERVE, "gateway", "--host", "0.0.0.0", "--port", str(grpc_port),
          "--http-port", str(http_port), "--metrics-port", "0"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

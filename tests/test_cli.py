@@ -8,14 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import free_ports
-
-MESHSERVE = [sys.executable, "-m", "meshserve.cli"]
+from support import MESHSERVE, free_ports, stop_processes, wait_for
 
 
 def process_alive(pid: int) -> bool:
@@ -41,14 +38,9 @@ class Output:
             with self._lock:
                 self.text += line
 
-    def wait_for(self, marker: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if marker in self.text:
-                    return True
-            time.sleep(0.1)
-        return False
+    def has(self, marker: str) -> bool:
+        with self._lock:
+            return marker in self.text
 
 
 @pytest.fixture
@@ -66,7 +58,7 @@ def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
     )  # fmt: skip
     try:
         out, err = Output(up.stdout), Output(up.stderr)
-        assert out.wait_for("Ctrl-C", timeout=180), out.text + err.text
+        wait_for(lambda: out.has("Ctrl-C"), "`meshserve up` to say it is up", 180, details=lambda: out.text + err.text)
         assert f"chat page    http://127.0.0.1:{http}/" in out.text
         state = json.loads((Path(env["MESHSERVE_CACHE"]) / "mesh.json").read_text())
         pids = {s["name"]: s["pid"] for s in state["services"]}
@@ -86,7 +78,12 @@ def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
 
         # A worker that dies is reported; the rest of the mesh keeps serving.
         os.kill(pids["worker-1"], signal.SIGKILL)
-        assert err.wait_for("exited unexpectedly", timeout=10), err.text
+        wait_for(
+            lambda: err.has("exited unexpectedly"),
+            "`meshserve up` to report the dead worker",
+            10,
+            details=lambda: err.text,
+        )
         assert "worker-1" in err.text
         for _ in range(3):
             again = subprocess.run(generate, env=env, capture_output=True, text=True, timeout=60)
@@ -98,9 +95,7 @@ def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
             assert not process_alive(pid), f"{name} (pid {pid}) outlived `meshserve up`"
         assert not (Path(env["MESHSERVE_CACHE"]) / "mesh.json").exists()
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        stop_processes([up], grace=0)
 
 
 def test_generate_says_clearly_when_the_mesh_is_not_running(env):
@@ -126,20 +121,16 @@ def test_a_service_process_dies_with_a_launcher_that_is_killed(env, tmp_path):
         "time.sleep(120)\n"
     )
     parent = subprocess.Popen([sys.executable, str(launcher)], env=env, stdout=subprocess.PIPE, text=True)
+    child_pid = None
     try:
         child_pid = int(parent.stdout.readline())
         from meshserve.common.channels import health_status
 
-        deadline = time.monotonic() + 60
-        while health_status(f"127.0.0.1:{port}", timeout=1.0) != "SERVING" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: health_status(f"127.0.0.1:{port}", timeout=1.0) == "SERVING", "the router to serve", 60)
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 30
-        while process_alive(child_pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not process_alive(child_pid), "the router outlived its killed launcher"
+        wait_for(lambda: not process_alive(child_pid), "the router to exit with its killed launcher", 30)
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
+        stop_processes([parent], grace=0)
+        if child_pid is not None and process_alive(child_pid):  # the behaviour under test failed: clean up
+            os.kill(child_pid, signal.SIGKILL)

@@ -11,13 +11,11 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
 from meshserve.v1 import common_pb2, router_pb2
-from test_router import token_request
-from worker_processes import WAIT_S, workers_behind_a_router
+from support import WAIT_S, token_request, wait_for, worker_stats, workers_behind_a_router
 
 DRAIN_SECONDS = 40
 STREAM_TOKENS = 300
@@ -48,19 +46,6 @@ class Stream:
         self.thread.start()
 
 
-def router_stats(stub) -> dict[str, Any]:
-    return {w.address: w for w in stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).workers}
-
-
-def wait_for(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sigterm_drains_a_streaming_worker_and_new_work_goes_elsewhere(loop_thread, cache_dir, tmp_path):
     env = {
         "MESHSERVE_DRAIN_SECONDS": str(DRAIN_SECONDS),
@@ -74,7 +59,7 @@ def test_sigterm_drains_a_streaming_worker_and_new_work_goes_elsewhere(loop_thre
             stream.run(stub, token_request([5, 6, 7 + i], STREAM_TOKENS))
             streams.append(stream)
         wait_for(lambda: all(len(s.tokens) >= 5 for s in streams), "every stream's first tokens")
-        in_flight = {address: w.in_flight for address, w in router_stats(stub).items()}
+        in_flight = {address: w.in_flight for address, w in worker_stats(stub).items()}
         draining = max(addresses, key=lambda a: in_flight[a])
         other = next(a for a in addresses if a != draining)
         drained = mesh.process(draining)
@@ -82,9 +67,9 @@ def test_sigterm_drains_a_streaming_worker_and_new_work_goes_elsewhere(loop_thre
 
         drained.send_signal(signal.SIGTERM)
         terminated_at = time.monotonic()
-        wait_for(lambda: router_stats(stub)[draining].draining, "the router to see the worker draining", 5)
-        dispatched_before = router_stats(stub)[draining].dispatched
-        in_flight_on_draining = router_stats(stub)[draining].in_flight
+        wait_for(lambda: worker_stats(stub)[draining].draining, "the router to see the worker draining", 5)
+        dispatched_before = worker_stats(stub)[draining].dispatched
+        in_flight_on_draining = worker_stats(stub)[draining].in_flight
 
         new_requests = [Stream() for _ in range(4)]
         for i, stream in enumerate(new_requests):

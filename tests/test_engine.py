@@ -15,6 +15,7 @@ from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.engine import Engine
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput
+from support import wait_for
 
 WAIT_S = 120
 
@@ -28,11 +29,6 @@ class Result:
     @property
     def finish(self) -> Finish | None:
         return self.outputs[-1].finish if self.outputs else None
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir) -> ModelTokenizer:
-    return ModelTokenizer.from_dir(model_dir)
 
 
 def start_engine(model_dir, num_blocks: int = 512, max_num_seqs: int = 32, tokenizer=None, **kwargs) -> Engine:
@@ -72,9 +68,7 @@ def run_alone(engine: Engine, tokenizer, requests) -> list[list[int]]:
 
 
 def assert_no_leaks(engine: Engine) -> None:
-    deadline = time.monotonic() + 10
-    while (engine.scheduler.has_work() or engine._incoming) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: not (engine.scheduler.has_work() or engine._incoming), "the engine to run out of work", 10)
     manager = engine.block_manager
     assert not engine.scheduler.has_work()
     assert manager.num_free_blocks == manager.num_blocks
@@ -186,9 +180,7 @@ def test_higher_priority_preempts_running_lower_priority(model_dir, tokenizer):
         low = [make_sequence(engine, tokenizer, p, long, priority=4) for p in prompts]
         for sequence, _ in low:
             engine.submit(sequence)
-        deadline = time.monotonic() + WAIT_S
-        while any(len(r.tokens) < 5 for _, r in low) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for(lambda: all(len(r.tokens) >= 5 for _, r in low), "five tokens of both low requests", WAIT_S)
         [critical] = run_all(
             engine, tokenizer, [([12, 13], SamplingOptions(max_tokens=5, temperature=0.0))], priority=1
         )
@@ -291,9 +283,7 @@ def test_expired_and_cancelled_sequences_leave_at_the_next_step(model_dir, token
             engine, tokenizer, [5, 6], SamplingOptions(max_tokens=1000, temperature=0, ignore_eos=True)
         )
         engine.submit(sequence)
-        deadline = time.monotonic() + WAIT_S
-        while len(result.tokens) < 3 and time.monotonic() < deadline:
-            time.sleep(0.002)
+        wait_for(lambda: len(result.tokens) >= 3, "the first three tokens", WAIT_S)
         sequence.request_cancel()
         assert result.done.wait(10)
         assert result.finish == Finish.CANCELLED

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from test_helm import KUBE_VERSIONS, check_all, deployments_by_component, of_kind, validate_objects
+from chart_checks import KUBE_VERSIONS, check_all, deployments_by_component, of_kind, validate_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"

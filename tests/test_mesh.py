@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 import torch
@@ -13,17 +11,14 @@ from transformers import AutoModelForCausalLM
 
 from meshserve.common.errors import bad_request_fields
 from meshserve.common.tokenizer import ModelTokenizer
-from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2_grpc
+from support import wait_for, worker_load
 
 PROMPTS = ["Hello world", "Once upon a time, in a city by the sea", "The router picks a worker"]
 
 
 def inference(mesh) -> inference_pb2_grpc.InferenceStub:
     return inference_pb2_grpc.InferenceStub(mesh.channel(mesh.gateway))
-
-
-def worker_load(mesh) -> worker_pb2.LoadReport:
-    return worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker)).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
 
 
 def stream_tokens(stub, request) -> dict[int, list[int]]:
@@ -191,15 +186,6 @@ def test_bad_input_is_invalid_argument_naming_the_field(mesh, request_fields, fi
     assert error.details().startswith(field) or f"; {field}" in error.details()
 
 
-def wait_for(condition, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def test_client_cancel_mid_stream_stops_generation_on_the_worker(mesh):
     before = worker_load(mesh)
     request = inference_pb2.GenerateRequest(
@@ -209,8 +195,9 @@ def test_client_cancel_mid_stream_stops_generation_on_the_worker(mesh):
     received = [next(stream) for _ in range(3)]
     assert all(chunk.token_ids for chunk in received)
     stream.cancel()
-    assert wait_for(lambda: worker_load(mesh).sequences_cancelled == before.sequences_cancelled + 1), (
-        "the worker never dropped the cancelled sequence"
+    wait_for(
+        lambda: worker_load(mesh).sequences_cancelled == before.sequences_cancelled + 1,
+        "the worker to drop the cancelled sequence",
     )
     after = worker_load(mesh)
     assert after.running_sequences == 0
@@ -225,7 +212,10 @@ def test_deadline_reaches_the_worker(mesh):
     with pytest.raises(grpc.RpcError) as caught:
         list(inference(mesh).GenerateStream(request, timeout=0.5))
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for(lambda: worker_load(mesh).sequences_cancelled == before.sequences_cancelled + 1)
+    wait_for(
+        lambda: worker_load(mesh).sequences_cancelled == before.sequences_cancelled + 1,
+        "the worker to drop the sequence whose deadline passed",
+    )
     assert worker_load(mesh).running_sequences == 0
 
 

@@ -6,24 +6,15 @@ is the OTLP TraceService itself, so what arrives is exactly what a collector wou
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from conftest import free_ports
-from meshserve.cli.launcher import child_env
-from meshserve.common.channels import wait_until_serving
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-
-WAIT_S = 120
+from support import ServiceProcess, free_ports, service_env, start_service, stop_processes, wait_for, wait_until_ready
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -48,13 +39,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             return list(self.spans)
 
 
-def start_service(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "meshserve.cli", *args], env=child_env(env), stdout=out, stderr=subprocess.STDOUT
-        )
-
-
 def test_a_mesh_of_processes_exports_one_trace_per_request_over_otlp(cache_dir, tmp_path):
     receiver = Receiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -62,14 +46,13 @@ def test_a_mesh_of_processes_exports_one_trace_per_request_over_otlp(cache_dir, 
     otlp_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     worker, router, aggregator, gateway, http, *metrics = free_ports(9)
-    env = {
-        **os.environ,
-        "MESHSERVE_CACHE": str(cache_dir),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: export promptly
-        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
-    }
+    env = service_env(
+        cache_dir,
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
+        OTEL_EXPORTER_OTLP_INSECURE="true",
+        OTEL_BSP_SCHEDULE_DELAY="100",  # ms: export promptly
+        OTEL_TRACES_SAMPLER="parentbased_always_on",
+    )
     plan = {
         "worker": ["worker", "--port", str(worker), "--threads", "1"],
         "router": ["router", "--port", str(router), "--workers", f"127.0.0.1:{worker}"],
@@ -79,13 +62,14 @@ def test_a_mesh_of_processes_exports_one_trace_per_request_over_otlp(cache_dir, 
             "--router", f"127.0.0.1:{router}", "--aggregator", f"127.0.0.1:{aggregator}",
         ],
     }  # fmt: skip
-    processes: dict[str, subprocess.Popen] = {}
+    ports = {"worker": worker, "router": router, "aggregator": aggregator, "gateway": gateway}
+    services: dict[str, ServiceProcess] = {}
     try:
         for (name, args), metrics_port in zip(plan.items(), metrics, strict=False):
-            processes[name] = start_service([*args, "--metrics-port", str(metrics_port)], env, tmp_path / f"{name}.log")
-        for name, port in (("worker", worker), ("router", router), ("aggregator", aggregator), ("gateway", gateway)):
-            ready = wait_until_serving(f"127.0.0.1:{port}", timeout=WAIT_S)
-            assert ready, f"{name} never became ready:\n{(tmp_path / f'{name}.log').read_text()}"
+            command = [*args, "--metrics-port", str(metrics_port)]
+            services[name] = start_service(command, f"127.0.0.1:{ports[name]}", env, tmp_path / f"{name}.log")
+        for service in services.values():
+            wait_until_ready(service)
 
         with grpc.insecure_channel(f"127.0.0.1:{gateway}") as channel:
             request = inference_pb2.GenerateRequest(
@@ -99,21 +83,21 @@ def test_a_mesh_of_processes_exports_one_trace_per_request_over_otlp(cache_dir, 
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
                 assert f"meshserve_{name}_" in response.read().decode(), name
 
-        deadline = time.monotonic() + 30
-        decode = []
-        while time.monotonic() < deadline and not decode:
-            decode = [s for s in receiver.snapshot() if s[2] == "worker.decode"]
-            time.sleep(0.1)
+        decode = wait_for(
+            lambda: [s for s in receiver.snapshot() if s[2] == "worker.decode"], "the worker's decode span", 30
+        )
         assert len(decode) == 1, receiver.snapshot()
         trace_id = decode[0][1]
         # The gateway's and router's spans may arrive a moment after the worker's.
         wanted = {"meshserve-gateway", "meshserve-router", "meshserve-worker"}
-        while time.monotonic() < deadline:
+
+        def in_trace_from_every_service() -> list[tuple[str, bytes, str, bytes, bytes]]:
             in_trace = [s for s in receiver.snapshot() if s[1] == trace_id]
-            if wanted <= {s[0] for s in in_trace}:
-                break
-            time.sleep(0.1)
-        assert wanted <= {s[0] for s in in_trace}, in_trace
+            return in_trace if wanted <= {s[0] for s in in_trace} else []
+
+        in_trace = wait_for(
+            in_trace_from_every_service, f"spans of the trace from {sorted(wanted)}", 30, details=receiver.snapshot
+        )
         roots = [s for s in in_trace if not s[3]]
         assert [(r[0], r[2]) for r in roots] == [("meshserve-gateway", "/meshserve.v1.Inference/GenerateStream")]
         # Every parent is in the trace: the chain crosses each process boundary unbroken.
@@ -122,13 +106,5 @@ def test_a_mesh_of_processes_exports_one_trace_per_request_over_otlp(cache_dir, 
         names = {s[2] for s in in_trace}
         assert {"/meshserve.v1.Router/Generate", "router.dispatch", "/meshserve.v1.Worker/Generate"} <= names
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(s.process for s in services.values())
         server.stop(0)

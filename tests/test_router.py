@@ -5,44 +5,32 @@ from __future__ import annotations
 import itertools
 import signal
 import threading
-import time
 from contextlib import contextmanager
 
 import grpc
 import pytest
 from grpc_status import rpc_status
 
-from meshserve.common.channels import sync_channel
-from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from worker_processes import WAIT_S, wait_for_workers_up, workers_behind_a_router
+from meshserve.v1 import common_pb2, router_pb2
+from support import (
+    WAIT_S,
+    in_process_router,
+    in_process_workers,
+    router_stub,
+    token_request,
+    wait_for,
+    wait_for_workers_up,
+    worker_stats,
+    workers_and_router,
+    workers_behind_a_router,
+)
 
 
 @contextmanager
 def router_with_workers(loop_thread, max_num_seqs: list[int], **router_config):
-    """In-process workers (one torch thread each) and a router in front of them."""
-    from meshserve.common.config import RouterConfig, WorkerConfig
-    from meshserve.router.server import start_router
-    from meshserve.worker.server import start_worker
-
-    workers = [
-        loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=n, threads=1)))
-        for n in max_num_seqs
-    ]
-    addresses = ",".join(w.address for w in workers)
-    router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=addresses, **router_config)))
-    try:
-        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
-        wait_for_workers_up(stub, len(workers))
-        yield stub
-    finally:
-        loop_thread.run(router.stop(0))
-        for worker in workers:
-            loop_thread.run(worker.stop(0))
-
-
-def token_request(prompt, max_tokens: int, priority=common_pb2.PRIORITY_NORMAL, tenant: str = "", **sampling):
-    params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling)
-    return common_pb2.TokenRequest(prompt_token_ids=prompt, sampling=params, priority=priority, tenant=tenant)
+    """In-process workers (one torch thread each) and a router in front of them: the router's stub."""
+    with workers_and_router(loop_thread, max_num_seqs, **router_config) as (router, _):
+        yield router_stub(router.address)
 
 
 class Recorder:
@@ -73,12 +61,6 @@ class Recorder:
         thread.start()
         self.threads.append(thread)
 
-    def wait_until(self, condition, timeout: float = WAIT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert condition(), "timed out"
-
     def join(self) -> None:
         for thread in self.threads:
             thread.join(WAIT_S)
@@ -89,7 +71,7 @@ def test_high_priority_starts_before_queued_low(loop_thread):
         recorder = Recorder(stub)
         for i in range(20):
             recorder.send(f"low{i}", token_request([5 + i, 6, 7], 60, common_pb2.PRIORITY_LOW))
-        recorder.wait_until(lambda: len(recorder.first_token) >= 2)
+        wait_for(lambda: len(recorder.first_token) >= 2, "the first tokens of two LOW requests", WAIT_S)
         started_before = set(recorder.first_token)
         for i in range(2):
             recorder.send(f"high{i}", token_request([9, 9 + i], 5, common_pb2.PRIORITY_HIGH))
@@ -106,7 +88,7 @@ def test_a_flooding_tenant_does_not_starve_another(loop_thread):
         recorder = Recorder(stub)
         for i in range(40):
             recorder.send(f"a{i}", token_request([5, 6, 7 + i], 8, tenant="a"))
-        recorder.wait_until(lambda: len(recorder.first_token) >= 2)
+        wait_for(lambda: len(recorder.first_token) >= 2, "the first tokens of two of tenant a's requests", WAIT_S)
         for i in range(4):
             recorder.send(f"b{i}", token_request([8, 9 + i], 8, tenant="b"))
         recorder.join()
@@ -121,10 +103,10 @@ def test_full_queue_sheds_batch_and_low_but_takes_high(loop_thread):
     with router_with_workers(loop_thread, [1], max_queued=3) as stub:
         recorder = Recorder(stub)
         recorder.send("running", token_request([5, 6], 400, common_pb2.PRIORITY_NORMAL))
-        recorder.wait_until(lambda: "running" in recorder.first_token)
+        wait_for(lambda: "running" in recorder.first_token, "the running request's first token", WAIT_S)
         for i in range(3):
             recorder.send(f"queued{i}", token_request([7, i + 3], 4, common_pb2.PRIORITY_LOW))
-        recorder.wait_until(lambda: queued(stub) == 3)
+        wait_for(lambda: queued(stub) == 3, "three queued LOW requests", WAIT_S)
         for priority in (common_pb2.PRIORITY_BATCH, common_pb2.PRIORITY_LOW):
             with pytest.raises(grpc.RpcError) as caught:
                 list(stub.Generate(token_request([8], 4, priority), timeout=10))
@@ -159,17 +141,16 @@ def test_a_deadline_shorter_than_the_queue_wait_never_reaches_a_worker(loop_thre
     with router_with_workers(loop_thread, [1]) as stub:
         recorder = Recorder(stub)
         recorder.send("running", token_request([5, 6], 300))
-        recorder.wait_until(lambda: "running" in recorder.first_token)
+        wait_for(lambda: "running" in recorder.first_token, "the running request's first token", WAIT_S)
         before = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.Generate(token_request([7, 8], 4), timeout=0.3))
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            after = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-            if after.deadline_exceeded:
-                break
-            time.sleep(0.02)
+        after = wait_for(
+            lambda: (stats := stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)).deadline_exceeded and stats,
+            "the router to count the deadline exceeded in its queue",
+            timeout=5,
+        )
         recorder.join()
     assert after.dispatched == before.dispatched
     assert after.deadline_exceeded == 1
@@ -215,23 +196,16 @@ def test_a_killed_worker_mid_stream_is_resumed_elsewhere_without_a_gap(loop_thre
 
 def test_dns_discovery_finds_workers_behind_a_name(loop_thread):
     """localhost resolves to the loopback addresses; the worker listens on 127.0.0.1 and serves through it."""
-    from meshserve.common.config import RouterConfig, WorkerConfig
-    from meshserve.router.server import start_router
-    from meshserve.worker.server import start_worker
-
-    worker = loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=2, threads=1)))
-    config = RouterConfig(host="127.0.0.1", port=0, workers=f"dns:///localhost:{worker.port}", discovery_seconds=0.2)
-    router = loop_thread.run(start_router(config))
-    try:
-        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
+    with (
+        in_process_workers(loop_thread, [2]) as (worker,),
+        in_process_router(loop_thread, f"dns:///localhost:{worker.port}", discovery_seconds=0.2) as router,
+    ):
+        stub = router_stub(router.address)
         wait_for_workers_up(stub, 1)
         chunks = list(stub.Generate(token_request([5, 6], 3), timeout=WAIT_S))
         assert sum(len(c.token_ids) for c in chunks) == 3
         addresses = {w.address for w in stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).workers}
         assert f"127.0.0.1:{worker.port}" in addresses
-    finally:
-        loop_thread.run(router.stop(0))
-        loop_thread.run(worker.stop(0))
 
 
 def test_static_workers_and_bad_entries():
@@ -285,37 +259,19 @@ def test_kubernetes_discovery_reads_ready_endpoints_of_the_service():
 
 
 def test_a_draining_worker_gets_no_new_work(loop_thread):
-    from meshserve.common.config import RouterConfig, WorkerConfig
-    from meshserve.router.server import start_router
-    from meshserve.worker.server import start_worker
-
-    workers = [
-        loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=2, threads=1)))
-        for _ in range(2)
-    ]
-    addresses = ",".join(w.address for w in workers)
-    router = loop_thread.run(start_router(RouterConfig(host="127.0.0.1", port=0, workers=addresses)))
-    try:
-        stub = router_pb2_grpc.RouterStub(sync_channel(router.address))
-        wait_for_workers_up(stub, 2)
+    with workers_and_router(loop_thread, [2, 2]) as (router, workers):
+        stub = router_stub(router.address)
         for drain in workers[0].on_drain:  # what SIGTERM does first, without stopping the server
             drain()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            stats = {w.address: w for w in stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).workers}
-            if stats[workers[0].address].draining:
-                break
-            time.sleep(0.02)
-        assert stats[workers[0].address].draining and not stats[workers[0].address].up
+        draining = workers[0].address
+        wait_for(lambda: worker_stats(stub)[draining].draining, "the router to see the worker draining", timeout=10)
+        stats = worker_stats(stub)
+        assert stats[draining].draining and not stats[draining].up
         recorder = Recorder(stub)
         for i in range(4):
             recorder.send(f"r{i}", token_request([5, 6 + i], 4))
         recorder.join()
         assert not recorder.errors and len(recorder.completed) == 4
-        stats = {w.address: w for w in stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).workers}
+        stats = worker_stats(stub)
         assert stats[workers[0].address].dispatched == 0
         assert stats[workers[1].address].dispatched == 4
-    finally:
-        loop_thread.run(router.stop(0))
-        for worker in workers:
-            loop_thread.run(worker.stop(0))

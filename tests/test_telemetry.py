@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -17,18 +16,19 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from support import in_process_router, in_process_workers, wait_for
 
 GATEWAY_STREAM = "/meshserve.v1.Inference/GenerateStream"
 
 
 def wait_for_spans(exporter: InMemorySpanExporter, name: str, count: int, timeout: float = 10.0) -> list[ReadableSpan]:
     """Server spans end just after the client saw the end of the stream: wait for them, boundedly."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [s for s in exporter.get_finished_spans() if s.name == name]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+
+    def found() -> list[ReadableSpan]:
+        spans = [s for s in exporter.get_finished_spans() if s.name == name]
+        return spans if len(spans) >= count else []
+
+    return wait_for(found, f"{count} finished {name!r} span(s)", timeout)
 
 
 def trace_of(exporter: InMemorySpanExporter, span: ReadableSpan) -> list[ReadableSpan]:
@@ -38,11 +38,13 @@ def trace_of(exporter: InMemorySpanExporter, span: ReadableSpan) -> list[Readabl
 def ancestry(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[str]:
     """Names from the span up to the root; fails if a parent is missing (a broken chain)."""
     names = [span.name]
-    while span.parent is not None:
+    for _ in range(len(by_id)):  # a chain is at most every span of the trace
+        if span.parent is None:
+            return names
         assert span.parent.span_id in by_id, f"{span.name}'s parent is not in the trace: the chain broke"
         span = by_id[span.parent.span_id]
         names.append(span.name)
-    return names
+    raise AssertionError(f"the parents of {names[0]} loop: {names}")
 
 
 def assert_one_intact_trace(spans: list[ReadableSpan]) -> dict[int, ReadableSpan]:
@@ -123,20 +125,12 @@ def test_a_fan_out_request_is_one_trace_with_a_child_per_sub_request(spans, mesh
 
 
 def test_a_stream_resumed_on_another_worker_stays_in_the_same_trace(spans, loop_thread, model_dir):
-    from meshserve.common.config import RouterConfig, WorkerConfig
-    from meshserve.router.server import start_router
-    from meshserve.worker.server import start_worker
-
-    workers = [
-        loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=2, threads=1)))
-        for _ in range(2)
-    ]
-    router = loop_thread.run(
-        start_router(RouterConfig(host="127.0.0.1", port=0, workers=",".join(w.address for w in workers)))
-    )
-    try:
+    with (
+        in_process_workers(loop_thread, [2, 2]) as workers,
+        in_process_router(loop_thread, ",".join(w.address for w in workers)) as router,
+        grpc.insecure_channel(router.address) as channel,
+    ):
         spans.clear()
-        channel = grpc.insecure_channel(router.address)
         stub = router_pb2_grpc.RouterStub(channel)
         request = common_pb2.TokenRequest(
             request_id="failover-trace",
@@ -174,11 +168,6 @@ def test_a_stream_resumed_on_another_worker_stays_in_the_same_trace(spans, loop_
         ]
         assert any(s.attributes.get("meshserve.resumed_tokens", 0) >= 5 for s in decodes)
         assert_one_intact_trace(trace_of(spans, resumed))
-    finally:
-        channel.close()
-        loop_thread.run(router.stop(0))
-        for worker in workers:
-            loop_thread.run(worker.stop(0))
 
 
 def test_an_http_caller_s_traceparent_is_continued(spans, mesh):

@@ -13,6 +13,9 @@ Order (best first), recomputed at every dispatch:
 Admission: at most `max_queued` requests wait. When full, an arrival evicts the newest queued
 request of a strictly lower class among BATCH then LOW; if there is none it is itself refused.
 CRITICAL, HIGH and NORMAL requests are never evicted.
+
+Time comes from the queue's `clock` (time.monotonic unless a test gives another), the clock the
+requests' `enqueued_at` is read on.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import itertools
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,18 +60,23 @@ class Pending:
         return (self.priority, self.tenant)
 
     @classmethod
-    def of(cls, request: common_pb2.TokenRequest) -> Pending:
+    def of(cls, request: common_pb2.TokenRequest, enqueued_at: float | None = None) -> Pending:
+        """The request as it waits, since `enqueued_at` on the queue's clock (default: now on time.monotonic)."""
         priority = served_priority(request.priority)
         expected = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else DEFAULT_EXPECTED_OUTPUT
-        return cls(request, priority, request.tenant, len(request.prompt_token_ids) + expected)
+        pending = cls(request, priority, request.tenant, len(request.prompt_token_ids) + expected)
+        if enqueued_at is not None:
+            pending.enqueued_at = enqueued_at
+        return pending
 
 
 class RequestQueue:
-    def __init__(self, max_queued: int, aging_seconds: float) -> None:
+    def __init__(self, max_queued: int, aging_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         if max_queued < 1 or aging_seconds <= 0:
             raise ValueError("max_queued must be at least 1 and aging_seconds more than 0")
         self.max_queued = max_queued
         self.aging_seconds = aging_seconds
+        self.clock = clock
         self._pending: list[Pending] = []
         self._served: dict[tuple[int, str], float] = defaultdict(float)  # cost dispatched per (class, tenant)
         self.shed_by_priority: dict[int, int] = defaultdict(int)
@@ -98,9 +107,12 @@ class RequestQueue:
         if pending in self._pending:
             self._pending.remove(pending)
 
-    def best(self, skip_models: set[str], now: float, classes: tuple[int, ...] | None = None) -> Pending | None:
-        """The first request in the order above whose model is not in skip_models, of the given classes
-        only if set (one pass, no sort)."""
+    def best(
+        self, skip_models: set[str], now: float | None = None, classes: tuple[int, ...] | None = None
+    ) -> Pending | None:
+        """The first request in the order above (as of `now`, default the clock's now) whose model is not in
+        skip_models, of the given classes only if set (one pass, no sort)."""
+        now = self.clock() if now is None else now
         candidates = self._pending
         if skip_models or classes:
             candidates = [
@@ -116,7 +128,7 @@ class RequestQueue:
 
     def stats(self, now: float | None = None) -> dict[int, tuple[int, float]]:
         """Per class: (queued, oldest wait in seconds)."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         out = {c: (0, 0.0) for c in PRIORITY_CLASSES}
         for p in self._pending:
             count, oldest = out[p.priority]

@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from meshserve.aggregator.mapreduce import plan_map_reduce
 from meshserve.aggregator.server import start_aggregator
@@ -34,6 +34,10 @@ from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.router.server import start_router
 from meshserve.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
 from meshserve.worker.builtin_model import ensure_builtin_model
+
+# Ports and process handling as the tests do them, from the one support module.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support import free_ports, stop_processes
 
 CONTEXT = 2048  # the built-in model's
 MAP_TOKENS = 32
@@ -56,16 +60,6 @@ def long_text(tokenizer: ModelTokenizer, tokens: int, seed: int) -> str:
         paragraphs.append(" ".join(sentences))
         total += len(tokenizer.encode(paragraphs[-1], add_special_tokens=False)) + 1
     return "\n\n".join(paragraphs)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def greedy(max_tokens: int) -> common_pb2.SamplingParams:
@@ -222,14 +216,7 @@ def main() -> None:
     try:
         asyncio.run(compare([f"127.0.0.1:{p}" for p in ports], counts, tokenizer, args))
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(10)
+        stop_processes(workers)
 
 
 if __name__ == "__main__":

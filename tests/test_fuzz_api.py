@@ -78,6 +78,10 @@ common_fields = {
     "priority": field(st.sampled_from(["critical", "high", "normal", "low", "batch"]), st.just("urgent")),
     "stop_token_ids": field(st.lists(st.integers(min_value=0, max_value=100), max_size=2), st.lists(huge_ints)),
     "ignore_eos": field(st.booleans(), st.none()),
+    "min_tokens": field(st.integers(min_value=0, max_value=8), huge_ints),
+    "skip_special_tokens": field(st.booleans(), st.none()),
+    "spaces_between_special_tokens": field(st.booleans(), st.none()),
+    "include_stop_str_in_output": field(st.booleans(), st.none()),
     "logit_bias": field(st.just({}), json_values),
     "user": field(st.text(max_size=10), json_values),
 }
@@ -209,6 +213,10 @@ sampling = st.builds(
     frequency_penalty=float32,
     logprobs=st.booleans(),
     top_logprobs=uint32,
+    min_tokens=mostly(st.integers(min_value=0, max_value=8), uint32),
+    skip_special_tokens=st.none() | st.booleans(),
+    spaces_between_special_tokens=st.none() | st.booleans(),
+    include_stop_str_in_output=st.booleans(),
 )
 grpc_requests = st.builds(
     inference_pb2.GenerateRequest,

@@ -330,3 +330,38 @@ def test_grpc_messages_over_the_size_limit_are_refused_naming_messages(gateway):
         stub.Generate(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(caught.value) == ["messages"] and "4194304 bytes" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"max_tokens": True}, "max_tokens", "max_tokens: must be an integer, got a boolean"),
+        ({"max_tokens": 2.5}, "max_tokens", "max_tokens: must be an integer, got a number"),
+        ({"n": 0}, "n", "n: must be at least 1, got 0"),
+        ({"temperature": 1e39}, "temperature", "temperature: must be a finite number, at most 3.402823e+38 in size"),
+        ({"temperature": "0.5"}, "temperature", "temperature: must be a number, got a string"),
+        ({"ignore_eos": 1}, "ignore_eos", "ignore_eos: must be true or false, got an integer"),
+        ({"stop": 3}, "stop", "stop: must be a string or a list of strings, got an integer"),
+        ({"stop": ["a", 3]}, "stop[1]", "stop[1]: must be a string, got an integer"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "stream_options: is only allowed with stream"),
+        ({"stream": True, "stream_options": {"usage": True}}, "stream_options.usage", "stream_options.usage: is not a"),
+        ({"messages": [{"role": "robot"}]}, "messages[0].role", "messages[0].role: must be 'system', 'developer'"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type", None),
+        ({"messages": "Hi"}, "messages", "messages: must be a list, got a string"),
+        ({"tool_choice": "auto"}, "tool_choice", 'tool_choice: only "none" is supported (no tool calling)'),
+        ({"top_logprobs": 2}, "top_logprobs", "top_logprobs: needs logprobs set"),
+    ],
+)
+def test_chat_bodies_are_checked_as_strictly_as_the_proto_naming_the_field(gateway, fields, param, message):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **fields}
+    status, _, raw = gateway.post("/v1/chat/completions", body)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == param, error
+    assert error["message"].startswith(message or param), error
+
+
+def test_infinity_is_refused_and_a_whole_float_is_an_integer(gateway):
+    status, _, raw = gateway.post("/v1/completions", b'{"prompt": "Hi", "max_tokens": 2, "top_p": 1e400}')
+    assert status == 400 and json.loads(raw)["error"]["message"].startswith("top_p: must be a finite number")
+    status, _, raw = gateway.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2.0, "n": 1.0, "temperature": 0})
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] <= 2, raw

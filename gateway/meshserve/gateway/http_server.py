@@ -5,7 +5,7 @@ when its client disconnects (`handler_cancellation`), which is how a closed brow
 aborted fetch cancels the request in the mesh.
 
 Each handler authenticates, turns the JSON into a GenerateRequest (http_openai), then calls the
-same InferenceServicer methods the gRPC API calls: one path for validation, limits and the mesh.
+request path the gRPC API calls too (gateway/infer.py): one path for validation, limits and the mesh.
 """
 
 from __future__ import annotations
@@ -13,34 +13,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from aiohttp import web
-from google.rpc import error_details_pb2
+from pydantic import BaseModel
 
 from meshserve.common.config import GatewayConfig
-from meshserve.common.errors import HTTP_STATUS, MeshError, from_rpc_error, retry_delay_seconds
+from meshserve.common.errors import MeshError, from_rpc_error, retry_delay_seconds
 from meshserve.gateway.http_openai import (
     OpenAIRequest,
     ResponseShaper,
     chat_request,
     completion_request,
-    model_json,
-    models_json,
-    openai_param,
-    openai_text,
+    model_card,
+    model_list,
     parse_body,
 )
+from meshserve.gateway.infer import Infer
 from meshserve.gateway.metrics import RequestObserver
-
-if TYPE_CHECKING:
-    from meshserve.gateway.server import InferenceServicer
+from meshserve.gateway.openai_errors import ERROR_TYPES, BodyTooLarge, error_body
+from meshserve.gateway.openai_responses import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +56,6 @@ PAGE_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
-}
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    499: "cancelled",
-    504: "timeout_error",
 }
 
 
@@ -92,9 +78,13 @@ def chat_page() -> bytes:
     return (importlib.resources.files("meshserve.gateway") / "static" / "chat.html").read_bytes()
 
 
+def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=model.model_dump_json(), status=status, headers=headers, content_type="application/json")
+
+
 class OpenAIApi:
-    def __init__(self, servicer: InferenceServicer, config: GatewayConfig) -> None:
-        self.servicer = servicer
+    def __init__(self, infer: Infer, config: GatewayConfig) -> None:
+        self.infer = infer
         self.config = config
         self.page = chat_page()
 
@@ -111,15 +101,15 @@ class OpenAIApi:
         return web.Response(body=self.page, headers=PAGE_HEADERS)
 
     async def list_models(self, request: web.Request) -> web.Response:
-        self.servicer.authenticate(request.headers.get("Authorization"))
-        return web.json_response(models_json(await self.servicer.list_models(names_only=True)))
+        self.infer.authenticate(request.headers.get("Authorization"))
+        return json_response(model_list(await self.infer.list_models(names_only=True)))
 
     async def get_model(self, request: web.Request) -> web.Response:
-        self.servicer.authenticate(request.headers.get("Authorization"))
+        self.infer.authenticate(request.headers.get("Authorization"))
         name = request.match_info["name"]
-        for model in await self.servicer.list_models(names_only=True):
+        for model in await self.infer.list_models(names_only=True):
             if model.name == name:
-                return web.json_response(model_json(model))
+                return json_response(model_card(model))
         raise MeshError(grpc.StatusCode.NOT_FOUND, f"model: unknown model {name[:200]!r}")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -132,29 +122,29 @@ class OpenAIApi:
         self, request: web.Request, parse: Callable[[dict[str, Any]], OpenAIRequest], operation: str
     ) -> web.StreamResponse:
         # The caller's own `traceparent` header, if any, continues its trace.
-        with self.servicer.metrics.observe("http", operation, request.headers) as observer:
+        with self.infer.metrics.observe("http", operation, request.headers) as observer:
             return await self._generate_observed(request, parse, observer)
 
     async def _generate_observed(
         self, request: web.Request, parse: Callable[[dict[str, Any]], OpenAIRequest], observer: RequestObserver
     ) -> web.StreamResponse:
         # Who is asking comes first: a caller without a key learns nothing about the body it sent.
-        tenant = self.servicer.authenticate(request.headers.get("Authorization"))
+        tenant = self.infer.authenticate(request.headers.get("Authorization"))
         parsed = parse(parse_body(await self._body(request)))
         request[PARSED] = parsed
         if "X-Request-Id" in request.headers:
             parsed.request.request_id = request.headers["X-Request-Id"]
-        admission = await self.servicer.admit(parsed.request, tenant, observer)
+        admission = await self.infer.admit(parsed.request, tenant, observer)
         validated = admission.validated
         request_id = validated.token_request.request_id
         shaper = ResponseShaper(parsed, validated.model.name, request_id, validated.model.tokenizer)
         timeout = self.config.http_timeout_seconds
         headers = {"X-Request-Id": request_id}
         if not parsed.stream:
-            reply = await self.servicer.complete(admission, timeout)
-            return web.json_response(shaper.whole(reply), headers=headers)
+            reply = await self.infer.complete(admission, timeout)
+            return json_response(shaper.whole(reply), headers=headers)
 
-        messages = self.servicer.stream(admission, timeout)
+        messages = self.infer.stream(admission, timeout)
         async with contextlib.aclosing(messages):
             # Wait for the first message before answering 200, so a request the mesh refuses (shed,
             # over a limit, no worker) still gets its own HTTP status.
@@ -173,7 +163,7 @@ class OpenAIApi:
                 # Headers are gone: the error travels as an event, which OpenAI clients raise.
                 error = exc if isinstance(exc, MeshError) else from_rpc_error(exc)
                 observer.outcome = error
-                await response.write(_sse(error_body(error, parsed)[1]))
+                await response.write(_sse(error_body(error, parsed.body)[1].model_dump_json()))
             await response.write_eof()
             return response
 
@@ -187,53 +177,22 @@ class OpenAIApi:
             raise _too_large(None, limit) from None
 
 
-class BodyTooLarge(MeshError):
-    """HTTP's own failure (413): gRPC has no such status, its message size limit is RESOURCE_EXHAUSTED."""
-
-    http_status = 413
-
-
 def _too_large(size: int | None, limit: int) -> MeshError:
     got = f"is {size} bytes" if size is not None else "is too large"
     return BodyTooLarge(grpc.StatusCode.INVALID_ARGUMENT, f"body: {got}; at most {limit} bytes are accepted")
 
 
-def _sse(event: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
-
-
-def error_body(error: MeshError, parsed: OpenAIRequest | None) -> tuple[int, dict[str, Any]]:
-    """OpenAI's error shape and HTTP status for a MeshError, fields named as the caller named them."""
-    status = BodyTooLarge.http_status if isinstance(error, BodyTooLarge) else HTTP_STATUS.get(error.code, 500)
-    violations = [
-        (openai_param(v.field, parsed), openai_text(v.description, parsed))
-        for detail in error.details
-        if isinstance(detail, error_details_pb2.BadRequest)
-        for v in detail.field_violations
-    ]
-    if violations:
-        message = "; ".join(f"{name}: {why}" for name, why in violations)
-        param = violations[0][0]
-    else:
-        message = openai_text(error.message, parsed) or error.code.name
-        param = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
-    code = {
-        401: "invalid_api_key",
-        404: "model_not_found" if param == "model" else "not_found",
-        413: "request_too_large",
-    }
-    error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"message": message, "type": error_type, "param": param, "code": code.get(status, error.code.name.lower())}
-    return status, {"error": body}
+def _sse(event_json: str) -> bytes:
+    return b"data: " + event_json.encode("utf-8") + b"\n\n"
 
 
 def error_response(error: MeshError, parsed: OpenAIRequest | None) -> web.Response:
-    status, body = error_body(error, parsed)
+    status, body = error_body(error, parsed.body if parsed is not None else None)
     headers = {}
     delay = retry_delay_seconds(error)
     if delay is not None:
         headers["Retry-After"] = str(max(1, math.ceil(delay)))
-    return web.json_response(body, status=status, headers=headers)
+    return json_response(body, status=status, headers=headers)
 
 
 @web.middleware
@@ -248,14 +207,14 @@ async def openai_errors(request: web.Request, handler: Callable[[web.Request], A
     except web.HTTPException as exc:  # no such path, wrong method
         if exc.status < 400:
             raise
-        body = {
-            "message": f"{request.method} {request.path[:200]}: {exc.reason}",
-            "type": ERROR_TYPES.get(exc.status, "invalid_request_error"),
-            "param": None,
-            "code": exc.reason.lower().replace(" ", "_"),
-        }
+        info = ErrorInfo(
+            message=f"{request.method} {request.path[:200]}: {exc.reason}",
+            type=ERROR_TYPES.get(exc.status, "invalid_request_error"),
+            param=None,
+            code=exc.reason.lower().replace(" ", "_"),
+        )
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
-        return web.json_response({"error": body}, status=exc.status, headers=allow)
+        return json_response(ErrorResponse(error=info), status=exc.status, headers=allow)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
@@ -264,18 +223,18 @@ async def openai_errors(request: web.Request, handler: Callable[[web.Request], A
         return error_response(error, None)
 
 
-def build_app(servicer: InferenceServicer, config: GatewayConfig) -> web.Application:
+def build_app(infer: Infer, config: GatewayConfig) -> web.Application:
     # The body limit is checked by OpenAIApi._body (to answer 413 in OpenAI's shape); aiohttp's own stops
     # a body without a Content-Length at the same size.
     app = web.Application(middlewares=[openai_errors], client_max_size=config.http_max_body_bytes)
-    app.add_routes(OpenAIApi(servicer, config).routes())
+    app.add_routes(OpenAIApi(infer, config).routes())
     return app
 
 
-async def start_http(servicer: InferenceServicer, config: GatewayConfig) -> HttpServer:
+async def start_http(infer: Infer, config: GatewayConfig) -> HttpServer:
     """Serves the HTTP API on config.host:config.http_port (0 picks a free port) in the running loop."""
     runner = web.AppRunner(
-        build_app(servicer, config),
+        build_app(infer, config),
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=config.drain_seconds,

@@ -153,9 +153,12 @@ class RequestObserver:
             if not self.last_token:
                 self.metrics.time_to_first_token.labels(*labels).observe(now - self.started)
                 self.span.add_event("first token")
-            elif index in self.last_token:
-                for _ in range(count):  # per token, so the histogram counts tokens, not messages
-                    self.metrics.inter_token_latency.labels(*labels).observe((now - self.last_token[index]) / count)
+            previous = self.last_token.get(index)
+            # Per token, so the histogram counts tokens, not messages: a completion's first message starts its
+            # clock, and tokens that came with its first one arrived with no wait.
+            intervals, gap = (count - 1, 0.0) if previous is None else (count, (now - previous) / count)
+            for _ in range(intervals):
+                self.metrics.inter_token_latency.labels(*labels).observe(gap)
             self.last_token[index] = now
             self.completion_tokens += count
         if finish_reason:

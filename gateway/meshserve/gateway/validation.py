@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from meshserve.common.errors import invalid_argument
 from meshserve.common.map_reduce import template_violations
 from meshserve.common.models import ServedModel
-from meshserve.common.sampling import sampling_violations, token_id_violations
+from meshserve.common.sampling import max_tokens_or_default, sampling_violations, token_id_violations
 from meshserve.common.tokenizer import ChatTemplateError
 from meshserve.v1 import aggregator_pb2, common_pb2, inference_pb2
 
@@ -64,8 +64,16 @@ def validate(
     if kind == "map_reduce":
         # The reduce's prompt is the map outputs: a quarter of the context is left to its answer by default.
         room = context // 4
-    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else max(1, min(default_max_tokens, room))
+    max_tokens = max_tokens_or_default(sampling, default_max_tokens, room)
     violations += sampling_violations(sampling, len(prompt_ids), context, model.info.vocab_size)
+    if kind == "map_reduce" and not sampling.HasField("max_tokens") and sampling.min_tokens > max_tokens:
+        violations.append(
+            (
+                "sampling.min_tokens",
+                f"must be at most {max_tokens}, the reduce's default max_tokens (a quarter of the context); "
+                "set sampling.max_tokens to ask for more",
+            )
+        )
     inputs: list[aggregator_pb2.FanOutInput] = []
     if kind == "batch":
         inputs = _batch_inputs(request.batch, sampling, model, default_max_tokens, max_n, violations)
@@ -131,7 +139,9 @@ def _batch_inputs(
         elif not sampling.HasField("max_tokens"):  # the default max_tokens depends on this input's length
             fan_out_input.sampling.CopyFrom(sampling)
         if fan_out_input.HasField("sampling") and not fan_out_input.sampling.HasField("max_tokens"):
-            fan_out_input.sampling.max_tokens = max(1, min(default_max_tokens, context - len(ids)))
+            fan_out_input.sampling.max_tokens = max_tokens_or_default(
+                fan_out_input.sampling, default_max_tokens, context - len(ids)
+            )
         inputs.append(fan_out_input)
     return inputs
 

@@ -22,6 +22,7 @@ from meshserve.aggregator.plan import Group, candidate_requests
 from meshserve.aggregator.ranking import Candidate, choose
 from meshserve.common.errors import MeshError
 from meshserve.common.tokenizer import ModelTokenizer
+from meshserve.common.usage import token_usage
 from meshserve.v1 import aggregator_pb2, common_pb2
 
 RunSubRequest = Callable[[common_pb2.TokenRequest], AsyncIterator[common_pb2.TokenChunk]]
@@ -35,12 +36,7 @@ class Totals:
     cached_prompt_tokens: int = 0
 
     def usage(self) -> common_pb2.Usage:
-        return common_pb2.Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens,
-            cached_prompt_tokens=self.cached_prompt_tokens,
-        )
+        return token_usage(self.prompt_tokens, self.completion_tokens, self.cached_prompt_tokens)
 
 
 @dataclass
@@ -186,16 +182,11 @@ class FanOut:
 
     def _error_message(self, group: Group, index: int, candidate: Candidate) -> aggregator_pb2.FanOutChunk:
         assert candidate.error is not None
-        prompt_tokens, completion_tokens = len(group.prompt_token_ids), len(candidate.token_ids)
         chunk = common_pb2.TokenChunk(
             request_id=self.parent.request_id,
             index=index,
             finish_reason=common_pb2.FINISH_REASON_ERROR,
-            usage=common_pb2.Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=token_usage(len(group.prompt_token_ids), len(candidate.token_ids)),
         )
         error = common_pb2.ErrorStatus(code=candidate.error.code.value[0], message=candidate.error.message)
         return aggregator_pb2.FanOutChunk(chunk=chunk, error=error)

@@ -25,7 +25,9 @@ def token_id_violations(field: str, ids: Sequence[int], vocab_size: int) -> list
 def sampling_violations(
     sampling: common_pb2.SamplingParams, prompt_tokens: int, context_length: int, vocab_size: int
 ) -> list[Violation]:
-    """Every out-of-range field of `sampling` for a prompt of prompt_tokens (max_tokens only when set)."""
+    """Every out-of-range field of `sampling` for a prompt of prompt_tokens (max_tokens only when set;
+    min_tokens against max_tokens when set, else against the context). The booleans need no check: unset
+    skip_special_tokens and spaces_between_special_tokens mean true."""
     violations: list[Violation] = []
     room = context_length - prompt_tokens
     if sampling.HasField("max_tokens") and not 1 <= sampling.max_tokens <= room:
@@ -34,6 +36,17 @@ def sampling_violations(
                 "sampling.max_tokens",
                 f"must be between 1 and {max(room, 1)} (the model's context of {context_length} tokens "
                 f"minus {prompt_tokens} prompt tokens), got {sampling.max_tokens}",
+            )
+        )
+    if sampling.HasField("max_tokens") and sampling.min_tokens > sampling.max_tokens:
+        why = f"must be at most sampling.max_tokens ({sampling.max_tokens}), got {sampling.min_tokens}"
+        violations.append(("sampling.min_tokens", why))
+    elif sampling.min_tokens > max(room, 1):
+        violations.append(
+            (
+                "sampling.min_tokens",
+                f"must be at most {max(room, 1)} (the model's context of {context_length} tokens "
+                f"minus {prompt_tokens} prompt tokens), got {sampling.min_tokens}",
             )
         )
     if sampling.HasField("temperature") and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
@@ -67,3 +80,11 @@ def sampling_violations(
         if token_id >= vocab_size:
             violations.append((f"sampling.stop_token_ids[{i}]", f"must be below {vocab_size}"))
     return violations
+
+
+def max_tokens_or_default(sampling: common_pb2.SamplingParams, default: int, room: int) -> int:
+    """sampling.max_tokens when set; otherwise `default`, raised to min_tokens, within the `room` the context
+    leaves (at least 1), so that a request asking only for min_tokens gets them."""
+    if sampling.HasField("max_tokens"):
+        return sampling.max_tokens
+    return max(1, min(max(default, sampling.min_tokens), room))

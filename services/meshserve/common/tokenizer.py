@@ -39,6 +39,9 @@ class ModelTokenizer:
         self.eos_token = _token_text(config.get("eos_token", special_map.get("eos_token")))
         self.chat_template = _chat_template(config, files.get("chat_template.jinja"))
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_token_ids = frozenset(
+            token_id for token_id, token in self.tokenizer.get_added_tokens_decoder().items() if token.special
+        )
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelTokenizer:
@@ -71,20 +74,50 @@ class ModelTokenizer:
         # Templates write the BOS token themselves; adding it again would double it (as transformers does).
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
-    def detokenizer(self, prompt_ids: Sequence[int]) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids)
+    def detokenizer(
+        self,
+        prompt_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> IncrementalDetokenizer:
+        # Hugging Face's slow tokenizers space every added token; only the special ones are here, so that text
+        # without them (skip_special_tokens, the default) is exactly what the fast decode gives, as in vLLM.
+        spaced = self.special_token_ids if spaces_between_special_tokens and not skip_special_tokens else frozenset()
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens, spaced)
 
 
 class IncrementalDetokenizer:
-    """Turns generated ids into text deltas; never emits half a UTF-8 character."""
+    """Turns generated ids into text deltas; never emits half a UTF-8 character.
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
+    With skip_special_tokens false the text holds special tokens too (`</s>`, `<|end|>`); the tokens in
+    `spaced_ids` then stand apart by one space from the text and tokens next to them, as Hugging Face's
+    decode joins added tokens with spaces_between_special_tokens (its default): `hello </s> <|end|>`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        spaced_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self._tokenizer = tokenizer
         # The prompt's tail gives the decoder context (leading spaces, merged bytes).
-        self._stream = DecodeStream(ids=list(prompt_ids[-8:]), skip_special_tokens=True)
+        self._stream = DecodeStream(ids=list(prompt_ids[-8:]), skip_special_tokens=skip_special_tokens)
+        self._spaced_ids = spaced_ids
+        # Whether the last piece of text was a spaced token; None before the first piece. The prompt does not
+        # count: as in decode(output_ids), the output's first piece never starts with an added space.
+        self._after_spaced: bool | None = None
 
     def add(self, token_id: int) -> str:
-        return self._stream.step(self._tokenizer, token_id) or ""
+        text = self._stream.step(self._tokenizer, token_id) or ""
+        if not self._spaced_ids or not text:
+            return text
+        spaced = token_id in self._spaced_ids
+        if self._after_spaced is not None and (spaced or self._after_spaced):
+            text = " " + text
+        self._after_spaced = spaced
+        return text
 
 
 def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:

@@ -110,7 +110,9 @@ class Engine:
             request_id=request_id,
             prompt_ids=prompt_ids,
             options=options,
-            detokenizer=self.tokenizer.detokenizer(prompt_ids),
+            detokenizer=self.tokenizer.detokenizer(
+                prompt_ids, options.skip_special_tokens, options.spaces_between_special_tokens
+            ),
             eos_token_ids=self.runner.eos_token_ids,
             max_context_length=self.runner.max_context_length,
             emit=emit,

@@ -1,6 +1,7 @@
 """Choosing the next token of each sampling sequence from its logits, and the log-probabilities asked for.
 
-Order per sequence: penalties (repetition, presence, frequency), then greedy argmax, or
+Order per sequence: penalties (repetition, presence, frequency), then the stop tokens masked
+while it is short of min_tokens, then greedy argmax, or
 temperature, top-k, top-p and min-p followed by a draw from the sequence's own generator,
 so a seeded sequence draws the same numbers whatever it is batched with. Log-probabilities
 are of the model's raw distribution (before penalties, temperature and truncation).
@@ -38,11 +39,14 @@ def resumed_generator(seed: int | None, draws: int, vocab_size: int) -> torch.Ge
 def sample(logits: torch.Tensor, sequences: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [len(sequences), vocab] float32. Returns one token and one optional logprob per sequence."""
     raw = logits
-    if any(s.options.penalized for s in sequences):
+    masked = min_tokens_mask(sequences, logits.shape[-1], logits.device)
+    if masked is not None or any(s.options.penalized for s in sequences):
         logits = logits.clone()
         for row, sequence in enumerate(sequences):
             if sequence.options.penalized:
                 apply_penalties(logits[row], sequence.prompt_ids, sequence.output_ids, sequence.options)
+    if masked is not None:
+        logits[masked] = float("-inf")
     tokens = torch.argmax(logits, dim=-1).tolist()
     for row, sequence in enumerate(sequences):
         if not sequence.options.greedy:
@@ -56,6 +60,27 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> tuple[list[int], 
         for i, row in enumerate(rows):
             logprobs[row] = token_logprob(all_logprobs[i], tokens[row], sequences[row].options.top_logprobs)
     return tokens, logprobs
+
+
+def min_tokens_mask(
+    sequences: list[Sequence], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, token ids) to mask in one indexing of the batch's logits: the tokens that would stop each
+    sequence short of min_tokens. None when no sequence is.
+
+    A sequence whose stop tokens cover the whole vocabulary is left unmasked (its min_tokens cannot be met
+    by masking; its stop checks still wait for min_tokens): an all -inf row would fail the whole batch.
+    """
+    rows: list[int] = []
+    ids: list[int] = []
+    for row, sequence in enumerate(sequences):
+        masked = sequence.masked_token_ids
+        if masked and len(masked) < vocab_size:
+            rows += [row] * len(masked)
+            ids += masked
+    if not rows:
+        return None
+    return torch.tensor(rows, device=device), torch.tensor(ids, device=device)
 
 
 def apply_penalties(

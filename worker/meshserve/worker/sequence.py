@@ -48,6 +48,11 @@ class SamplingOptions:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Until this many tokens are out, EOS and stop_token_ids are masked and stop strings not looked for.
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -107,6 +112,7 @@ class Sequence:
     # Text decoded but not yet emitted because it may be the beginning of a stop string.
     _held_text: str = ""
     _cancel_requested: threading.Event = field(default_factory=threading.Event)
+    _min_tokens_masked: tuple[int, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -136,18 +142,41 @@ class Sequence:
         """Thread-safe: the engine drops the sequence at its next step."""
         self._cancel_requested.set()
 
+    @property
+    def masked_token_ids(self) -> tuple[int, ...]:
+        """Ids the sampler must not draw for the next token: the ones that would stop the sequence, while it
+        has fewer than min_tokens tokens out."""
+        if len(self.output_ids) >= self.options.min_tokens:
+            return ()
+        if self._min_tokens_masked is None:
+            stopping = set(self.options.stop_token_ids)
+            if not self.options.ignore_eos:
+                stopping |= self.eos_token_ids
+            self._min_tokens_masked = tuple(sorted(stopping))
+        return self._min_tokens_masked
+
     def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> None:
         """Adds a sampled token, decides whether the sequence is done, and emits what is new."""
         assert not self.finished, "a finished sequence takes no more tokens"
         self.output_ids.append(token_id)
-        text = self._held_text + self.detokenizer.add(token_id)
+        new_text = self.detokenizer.add(token_id)
+        text = self._held_text + new_text
         finish = None
-        stop_at = _first_stop(text, self.options.stop)
-        if stop_at is not None:
-            text, finish = text[:stop_at], Finish.STOP
-        elif token_id in self.options.stop_token_ids or (
-            token_id in self.eos_token_ids and not self.options.ignore_eos
+        # Before min_tokens nothing stops the sequence but its length. From then on stop strings are looked
+        # for, but at the first such step only those that end in its new text: the held text was never checked.
+        checks_stop = len(self.output_ids) >= self.options.min_tokens
+        unchecked = len(self._held_text) if len(self.output_ids) == self.options.min_tokens else 0
+        stop = _first_stop(text, self.options.stop, unchecked) if checks_stop else None
+        if stop is not None:
+            at, matched = stop
+            text = text[: at + len(matched)] if self.options.include_stop_str_in_output else text[:at]
+            finish = Finish.STOP
+        elif checks_stop and (
+            token_id in self.options.stop_token_ids or (token_id in self.eos_token_ids and not self.options.ignore_eos)
         ):
+            # As vLLM: the text of the token that stops the sequence is left out unless asked for.
+            if not self.options.include_stop_str_in_output and new_text:
+                text = text[: len(text) - len(new_text)]
             finish = Finish.STOP
         elif len(self.output_ids) >= self.options.max_tokens:
             finish = Finish.LENGTH
@@ -198,9 +227,14 @@ class Sequence:
         )
 
 
-def _first_stop(text: str, stops: Seq[str]) -> int | None:
-    positions = [pos for pos in (text.find(s) for s in stops) if pos >= 0]
-    return min(positions) if positions else None
+def _first_stop(text: str, stops: Seq[str], unchecked: int = 0) -> tuple[int, str] | None:
+    """The earliest stop string in `text` (position, stop), the first listed on a tie; only matches that end
+    past the first `unchecked` characters count."""
+    found = [(pos, i) for i, s in enumerate(stops) if (pos := text.find(s, max(0, unchecked - len(s) + 1))) >= 0]
+    if not found:
+        return None
+    pos, i = min(found)
+    return pos, stops[i]
 
 
 def _longest_stop_prefix_suffix(text: str, stops: Seq[str]) -> int:

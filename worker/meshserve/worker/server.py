@@ -18,7 +18,7 @@ from meshserve.common.enums import FINISH_REASON_NAMES, priority_name, served_pr
 from meshserve.common.errors import MeshError, grpc_errors, invalid_argument, status_code_name, unavailable
 from meshserve.common.logs import current_request_id
 from meshserve.common.metrics import new_registry
-from meshserve.common.sampling import sampling_violations, token_id_violations
+from meshserve.common.sampling import max_tokens_or_default, sampling_violations, token_id_violations
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.telemetry import (
     GEN_AI_OPERATION_NAME,
@@ -31,6 +31,7 @@ from meshserve.common.telemetry import (
     tracer,
 )
 from meshserve.common.tokenizer import ModelTokenizer, read_tokenizer_files
+from meshserve.common.usage import token_usage
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from meshserve.worker.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
 from meshserve.worker.engine import Engine, set_threads
@@ -278,7 +279,7 @@ def _validate(request: common_pb2.TokenRequest, model: LoadedModel) -> SamplingO
     if violations:
         raise invalid_argument(violations)
     # The gateway always sets max_tokens; a direct caller that does not gets a short answer.
-    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else max(1, min(16, context - len(prompt)))
+    max_tokens = max_tokens_or_default(sampling, 16, context - len(prompt))
     capacity = model.runner.kv.capacity_tokens
     if len(prompt) + max_tokens > capacity:
         raise MeshError(
@@ -301,6 +302,13 @@ def _validate(request: common_pb2.TokenRequest, model: LoadedModel) -> SamplingO
         ignore_eos=sampling.ignore_eos,
         logprobs=sampling.logprobs,
         top_logprobs=sampling.top_logprobs,
+        min_tokens=sampling.min_tokens,
+        # Unset means true (proto3 optional), as in vLLM.
+        skip_special_tokens=sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True,
+        spaces_between_special_tokens=(
+            sampling.spaces_between_special_tokens if sampling.HasField("spaces_between_special_tokens") else True
+        ),
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
     )
 
 
@@ -327,14 +335,7 @@ def _chunk(request: common_pb2.TokenRequest, output: SequenceOutput) -> common_p
     )
     if output.finish is not None:
         chunk.finish_reason = output.finish
-        chunk.usage.CopyFrom(
-            common_pb2.Usage(
-                prompt_tokens=output.prompt_tokens,
-                completion_tokens=output.completion_tokens,
-                total_tokens=output.prompt_tokens + output.completion_tokens,
-                cached_prompt_tokens=output.cached_prompt_tokens,
-            )
-        )
+        chunk.usage.CopyFrom(token_usage(output.prompt_tokens, output.completion_tokens, output.cached_prompt_tokens))
     return chunk
 
 

@@ -49,6 +49,24 @@ def mesh(model_dir: Path, loop_thread: EventLoopThread) -> Iterator[Mesh]:
         yield started
 
 
+@pytest.fixture(scope="module")
+def gateway(mesh: Mesh, loop_thread: EventLoopThread) -> Iterator[Any]:
+    """A keyless gateway (gRPC and HTTP) in front of the session's mesh, one per test module."""
+    from http_gateway import running_gateway
+
+    with running_gateway(loop_thread, mesh) as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Any) -> Any:
+    """The official OpenAI client on that gateway."""
+    import openai
+
+    # max_retries=0: a test must see the server's first answer, not the client's retry of it.
+    return openai.OpenAI(base_url=gateway.base_url, api_key="unused-on-loopback", max_retries=0, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def fan_out_mesh(model_dir: Path, loop_thread: EventLoopThread) -> Iterator[Any]:
     """The aggregator tests' mesh: two workers behind a router, an aggregator with small bounds, a gateway

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import websocket
 
-from http_gateway import running_gateway, wait_for, worker_load
+from http_gateway import wait_for, worker_load
 
 
 @pytest.fixture(scope="session")
@@ -90,12 +90,6 @@ def browser(chromium, tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@pytest.fixture(scope="module")
-def gateway(mesh, loop_thread):
-    with running_gateway(loop_thread, mesh) as gateway:
-        yield gateway
 
 
 def test_chat_page_streams_tokens_and_stop_cancels_the_request(browser, gateway, mesh):

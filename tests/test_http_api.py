@@ -18,18 +18,6 @@ from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
-@pytest.fixture(scope="module")
-def gateway(mesh, loop_thread):
-    with running_gateway(loop_thread, mesh) as gateway:
-        yield gateway
-
-
-@pytest.fixture(scope="module")
-def client(gateway):
-    # max_retries=0: a test must see the server's first answer, not the client's retry of it.
-    return openai.OpenAI(base_url=gateway.base_url, api_key="unused-on-loopback", max_retries=0, timeout=60)
-
-
 def grpc_text(gateway, **fields) -> str:
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(gateway.grpc))
     return stub.Generate(inference_pb2.GenerateRequest(**fields), timeout=60).completions[0].text

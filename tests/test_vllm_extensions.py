@@ -8,7 +8,6 @@ import grpc
 import openai
 import pytest
 
-from http_gateway import running_gateway
 from meshserve.common.errors import bad_request_fields
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2_grpc
@@ -17,25 +16,9 @@ MODEL = "meshserve-tiny"
 
 
 @pytest.fixture(scope="module")
-def gateway(mesh, loop_thread):
-    with running_gateway(loop_thread, mesh) as gateway:
-        yield gateway
-
-
-@pytest.fixture(scope="module")
-def client(gateway):
-    return openai.OpenAI(base_url=gateway.base_url, api_key="unused-on-loopback", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
 def inference(gateway):
     with grpc.insecure_channel(gateway.grpc) as channel:
         yield inference_pb2_grpc.InferenceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return ModelTokenizer.from_dir(model_dir)
 
 
 def grpc_tokens(inference, prompt: str, **sampling) -> list[int]:

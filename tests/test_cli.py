@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from meshserve.v1 import common_pb2
 from support import MESHSERVE, free_ports, stop_processes, wait_for
 
 
@@ -134,3 +135,17 @@ def test_a_service_process_dies_with_a_launcher_that_is_killed(env, tmp_path):
         stop_processes([parent], grace=0)
         if child_pid is not None and process_alive(child_pid):  # the behaviour under test failed: clean up
             os.kill(child_pid, signal.SIGKILL)
+
+
+def test_generate_flags_fill_the_sampling_params_of_the_request():
+    from meshserve.cli.commands import build_request
+    from meshserve.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", "Hi", "--min-tokens", "8", "--stop", "x", "--include-stop-str"])
+    sampling = build_request(args).sampling
+    assert (sampling.min_tokens, list(sampling.stop), sampling.include_stop_str_in_output) == (8, ["x"], True)
+    assert not sampling.HasField("skip_special_tokens")  # unset: the default, skipped
+    args = build_parser().parse_args(["generate", "Hi", "--show-special-tokens", "--priority", "high"])
+    request = build_request(args)
+    assert request.sampling.HasField("skip_special_tokens") and not request.sampling.skip_special_tokens
+    assert request.priority == common_pb2.PRIORITY_HIGH and request.prompt == "Hi"

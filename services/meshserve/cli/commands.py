@@ -24,7 +24,11 @@ def build_request(args: argparse.Namespace) -> inference_pb2.GenerateRequest:
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
         ignore_eos=args.ignore_eos,
+        min_tokens=args.min_tokens,
+        include_stop_str_in_output=args.include_stop_str,
     )
+    if args.show_special_tokens:
+        sampling.skip_special_tokens = False
     if args.repetition_penalty is not None:
         sampling.repetition_penalty = args.repetition_penalty
     if args.max_tokens is not None:

@@ -201,13 +201,7 @@ async def start_aggregator(config: AggregatorConfig) -> RunningServer:
     running = await start_server(
         config.host,
         config.port,
-        [
-            Servicer(
-                servicer,
-                aggregator_pb2_grpc.add_AggregatorServicer_to_server,
-                aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name,
-            )
-        ],
+        [Servicer.of(servicer, aggregator_pb2, aggregator_pb2_grpc, "Aggregator")],
         metrics=registry,
     )
     # Tokenizers are needed for map-reduce only; kept fresh in the background as the gateway does.

@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -31,6 +32,15 @@ class Servicer:
     implementation: Any
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     full_name: str  # e.g. "meshserve.v1.Worker", from the generated descriptor
+
+    @classmethod
+    def of(cls, implementation: Any, pb2: ModuleType, pb2_grpc: ModuleType, service: str) -> Servicer:
+        """The generated code's way to add `service` ("Worker") and its full name, from its two modules."""
+        return cls(
+            implementation,
+            getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+            pb2.DESCRIPTOR.services_by_name[service].full_name,
+        )
 
 
 @dataclass

@@ -207,10 +207,8 @@ async def start_router(config: RouterConfig) -> RunningServer:
         config.host,
         config.port,
         [
-            Servicer(
-                RouterServicer(dispatcher, pool, config.max_failovers, metrics),
-                router_pb2_grpc.add_RouterServicer_to_server,
-                router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+            Servicer.of(
+                RouterServicer(dispatcher, pool, config.max_failovers, metrics), router_pb2, router_pb2_grpc, "Router"
             )
         ],
         metrics=registry,

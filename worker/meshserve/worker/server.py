@@ -354,13 +354,7 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
     running = await start_server(
         config.host,
         config.port,
-        [
-            Servicer(
-                servicer,
-                worker_pb2_grpc.add_WorkerServicer_to_server,
-                worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
-            )
-        ],
+        [Servicer.of(servicer, worker_pb2, worker_pb2_grpc, "Worker")],
         serving=False,
         metrics=registry,
     )

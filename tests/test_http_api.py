@@ -177,6 +177,21 @@ def test_errors_reach_the_openai_client_naming_the_field(client, request_fields,
     assert caught.value.status_code in (400, 404)
 
 
+def test_a_body_with_many_bad_items_gets_a_short_answer_naming_the_first(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="meshserve-tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            extra_body={"stop_token_ids": ["x"] * 5000},
+        )
+    error = caught.value.body
+    assert error["param"] == "stop_token_ids[0]", error
+    assert error["message"].count("stop_token_ids[") == 16, error["message"][:200]
+    assert error["message"].endswith("and 4984 more like these"), error["message"][-200:]
+    assert len(error["message"]) < 2000
+
+
 def test_chat_prompt_too_long_for_the_context_names_messages(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(

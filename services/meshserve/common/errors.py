@@ -41,8 +41,15 @@ class MeshError(Exception):
         return status.SerializeToString()
 
 
+MAX_REPORTED_VIOLATIONS = 16
+
+
 def invalid_argument(violations: Sequence[tuple[str, str]]) -> MeshError:
-    """INVALID_ARGUMENT with a BadRequest detail; the message names every bad field."""
+    """INVALID_ARGUMENT with a BadRequest detail; the message names the bad fields, the first
+    MAX_REPORTED_VIOLATIONS of them: a hostile body with a million bad items gets a short answer."""
+    if len(violations) > MAX_REPORTED_VIOLATIONS:
+        more = len(violations) - MAX_REPORTED_VIOLATIONS
+        violations = [*violations[:MAX_REPORTED_VIOLATIONS], ("...", f"and {more} more like these")]
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=name, description=why) for name, why in violations

@@ -1,8 +1,10 @@
-"""The worker's serving loop: schedule a step, run the model on it, sample, hand out tokens; repeat.
+"""The worker's serving loop: schedule a step, run the model on it, sample, append the token ids; repeat.
 
 Sequences join at any step and leave as soon as they finish, are cancelled or pass their
-deadline, freeing their KV blocks. The loop runs on one thread; submit, cancel and the load
-snapshot are the only things other threads touch.
+deadline, freeing their KV blocks. The loop runs on one thread and only computes: each step's
+outputs go, as one batch, to the output processor (detokenising, stop strings, delivery), which
+runs on a thread of its own meanwhile. Submit, cancel and the load snapshot are the only things
+other threads touch.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from meshserve.common.enums import NUM_PRIORITY_VALUES
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.block_manager import BlockManager
 from meshserve.worker.model_runner import ModelRunner
+from meshserve.worker.output_processor import OutputProcessor, StepOutputs
 from meshserve.worker.sampler import sample
 from meshserve.worker.scheduler import ScheduledChunk, Scheduler
-from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput
+from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class Engine:
         self._stopping = False
         self.draining = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.outputs = OutputProcessor()
+        # This step's outputs so far, handed to the output processor when the step is over.
+        self._step_outputs = StepOutputs()
         self._finished = 0
         self._cancelled = 0
         self._generated_tokens = 0
@@ -82,16 +88,18 @@ class Engine:
         return self.scheduler.max_num_seqs
 
     def start(self) -> None:
+        self.outputs.start()
         self._thread.start()
 
     def stop(self) -> None:
-        """Ends every sequence (cancelled) and joins the loop."""
+        """Ends every sequence (cancelled), joins the loop, then delivers what is left to deliver."""
         with self._wake:
             self._stopping = True
             self.draining = True
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        self.outputs.stop()
 
     def start_draining(self) -> None:
         """Reported in the load from now on, so schedulers send nothing new; running sequences go on."""
@@ -105,7 +113,8 @@ class Engine:
         emit: Callable[[SequenceOutput], None],
         **kwargs: Any,
     ) -> Sequence:
-        """A sequence for this engine's model (eos ids, context, detokeniser); kwargs: priority, deadline."""
+        """A sequence for this engine's model (eos ids, context, detokeniser); kwargs: priority, deadline, loop
+        (the event loop `emit` must run on; without one it runs on the output processor's thread)."""
         return Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -146,18 +155,23 @@ class Engine:
             for sequence in incoming:
                 self.scheduler.add(sequence)
             if stopping:
+                now = time.monotonic()
                 for sequence in self.scheduler.running + self.scheduler.waiting:
-                    self._end(sequence, Finish.CANCELLED)
+                    # A sequence its output side already ended (a stop string) keeps that reason; others are cancelled.
+                    self._end(sequence, sequence.requested_end(now) or Finish.CANCELLED)
+                self.hand_out()
                 self._publish_load()
                 return
             self.step()
 
     def step(self) -> None:
-        """One iteration: drop cancelled and expired sequences, then schedule, compute and sample."""
+        """One iteration: drop the sequences that were cancelled, expired or stopped by their output side, then
+        schedule, compute and sample, and hand the step's outputs over."""
         now = time.monotonic()
         for sequence in self.scheduler.running + self.scheduler.waiting:
-            if sequence.cancel_requested or sequence.expired(now):
-                self._end(sequence, Finish.CANCELLED)
+            finish = sequence.requested_end(now)
+            if finish is not None:
+                self._end(sequence, finish)
         chunks = self.scheduler.schedule()
         if chunks:
             self._run(chunks)
@@ -168,6 +182,7 @@ class Engine:
             sequence = self.scheduler.waiting[0]
             needed = self.block_manager.blocks_needed(sequence.num_tokens)
             self._end(sequence, Finish.ERROR, f"needs {needed} KV blocks; the pool has {self.block_manager.num_blocks}")
+        self.hand_out()
         self._publish_load()
 
     def _run(self, chunks: list[ScheduledChunk]) -> None:
@@ -194,32 +209,39 @@ class Engine:
             for sequence in sampling:
                 self._end(sequence, Finish.ERROR, f"the worker failed to sample: {type(exc).__name__}: {exc}")
             return
-        for sequence, token, logprob in zip(sampling, tokens, logprobs, strict=True):
-            try:
-                sequence.append_token(token, logprob)
-            except Exception as exc:  # one sequence's failure (detokeniser, consumer) is its own
-                log.exception("sequence %s failed", sequence.request_id)
-                sequence.finish = None
-                self._end(sequence, Finish.ERROR, f"the worker failed: {type(exc).__name__}: {exc}")
-                continue
-            if sequence.finished:
+        self.advance(sampling, tokens, logprobs)
+
+    def advance(self, sequences: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
+        """The engine's part of handing out sampled tokens: the ids, and the end of the sequences that ids alone
+        finish, whose blocks are freed at once. The text is the output processor's, after hand_out()."""
+        finishes = [sequence.add_token_id(token) for sequence, token in zip(sequences, tokens, strict=True)]
+        for sequence, finish in zip(sequences, finishes, strict=True):
+            if finish is not None:
                 self.scheduler.remove(sequence)
-                self._count(sequence.finish)
+                self._count(finish)
+        step = self._step_outputs
+        step.sequences += sequences
+        step.token_ids += tokens
+        step.logprobs += logprobs
+        step.finishes += finishes
         with self._wake:
-            self._generated_tokens += len(sampling)
-            self._recent.append((time.monotonic(), len(sampling)))
+            self._generated_tokens += len(sequences)
+            self._recent.append((time.monotonic(), len(sequences)))
+
+    def hand_out(self) -> None:
+        """Gives the outputs of the step to the output processor, in one piece."""
+        if self._step_outputs:
+            self.outputs.put(self._step_outputs)
+            self._step_outputs = StepOutputs()
 
     def _end(self, sequence: Sequence, finish: Finish, error: str = "") -> None:
-        """Takes the sequence out of the scheduler (freeing its blocks) and tells its consumer."""
+        """Takes the sequence out of the scheduler (freeing its blocks); its consumer is told after the step."""
         self.scheduler.remove(sequence)
         if sequence.finished:
             return
-        try:
-            sequence.end(finish, error)
-        except Exception:
-            log.exception("could not tell the consumer of %s that it ended", sequence.request_id)
-            sequence.finish = finish
+        sequence.finish = finish
         self._count(finish)
+        self._step_outputs.ended.append((sequence, finish, error))
 
     def _count(self, finish: Finish | None) -> None:
         with self._wake:

@@ -1,7 +1,14 @@
-"""The state of one sequence in the worker: its tokens, its stop conditions and the text it has emitted."""
+"""The state of one sequence in the worker: its tokens, its stop conditions and the text it has emitted.
+
+It has two halves, each touched by one thread once the sequence is submitted. The engine's: the token ids,
+the KV-cache bookkeeping and the stop conditions that ids alone decide (stop tokens, EOS, max_tokens, the
+context), so that a finished sequence frees its blocks at once. The output side's (the output processor):
+the detokeniser, the stop strings, and the text held back because it may be the start of one.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import threading
@@ -92,12 +99,16 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     eos_token_ids: frozenset[int]
     max_context_length: int
-    # Called from the engine thread with every output; must be thread-safe.
+    # Called with every output, on the output processor's thread; or, when `loop` is set, on that loop.
     emit: Callable[[SequenceOutput], None]
     priority: int = common_pb2.PRIORITY_NORMAL  # lower values are more important
     # time.monotonic() after which the sequence is dropped (cancelled); None: no deadline.
     deadline: float | None = None
+    # The loop `emit` must run on: the output processor hands each step's outputs for all the sequences of
+    # one loop over in one call_soon_threadsafe, not one wake-up per token per stream.
+    loop: asyncio.AbstractEventLoop | None = None
     output_ids: list[int] = field(default_factory=list)
+    # The engine's: why it stopped computing the sequence (set on its thread).
     finish: Finish | None = None
     # Engine state: the scheduler and the block manager own these.
     status: Status = Status.WAITING
@@ -109,10 +120,17 @@ class Sequence:
     cached_prompt_tokens: int | None = None
     num_preemptions: int = 0
     generator: Any = None  # the sampler's per-sequence random generator
-    # Text decoded but not yet emitted because it may be the beginning of a stop string.
-    _held_text: str = ""
     _cancel_requested: threading.Event = field(default_factory=threading.Event)
     _min_tokens_masked: tuple[int, ...] | None = None
+    # Output side. Text decoded but not yet emitted because it may be the beginning of a stop string.
+    _held_text: str = ""
+    # Output tokens the output side has taken: it runs behind the engine, whose output_ids may be longer.
+    _tokens_out: int = 0
+    # The finish its consumer was told; outputs the engine computed after it are dropped.
+    _output_finish: Finish | None = None
+    # The output side ended the sequence (a stop string, a failed consumer): the engine drops it at its next
+    # step, as a cancel but finishing with this reason.
+    _requested_finish: Finish | None = None
 
     @property
     def finished(self) -> bool:
@@ -142,6 +160,22 @@ class Sequence:
         """Thread-safe: the engine drops the sequence at its next step."""
         self._cancel_requested.set()
 
+    def request_finish(self, finish: Finish) -> None:
+        """Thread-safe: the output side has ended the sequence; the engine drops it at its next step and the
+        output side takes nothing more of it."""
+        self._requested_finish = finish
+
+    def requested_end(self, now: float) -> Finish | None:
+        """Why the engine must drop the sequence at this step, if it must."""
+        if self._requested_finish is not None:
+            return self._requested_finish
+        return Finish.CANCELLED if self.cancel_requested or self.expired(now) else None
+
+    @property
+    def output_finished(self) -> bool:
+        """The output side has told the consumer the end (or was asked to stop): later outputs are dropped."""
+        return self._output_finish is not None or self._requested_finish is not None
+
     @property
     def masked_token_ids(self) -> tuple[int, ...]:
         """Ids the sampler must not draw for the next token: the ones that would stop the sequence, while it
@@ -155,75 +189,82 @@ class Sequence:
             self._min_tokens_masked = tuple(sorted(stopping))
         return self._min_tokens_masked
 
-    def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> None:
-        """Adds a sampled token, decides whether the sequence is done, and emits what is new."""
+    def add_token_id(self, token_id: int) -> Finish | None:
+        """Engine half: takes a sampled token and decides from ids alone whether the sequence is done."""
         assert not self.finished, "a finished sequence takes no more tokens"
         self.output_ids.append(token_id)
+        count = len(self.output_ids)
+        # Before min_tokens nothing stops the sequence but its length.
+        if count >= self.options.min_tokens and (
+            token_id in self.options.stop_token_ids or (token_id in self.eos_token_ids and not self.options.ignore_eos)
+        ):
+            self.finish = Finish.STOP
+        elif count >= self.options.max_tokens or len(self.prompt_ids) + count >= self.max_context_length:
+            self.finish = Finish.LENGTH
+        return self.finish
+
+    def text_output(self, token_id: int, finish: Finish | None, logprob: TokenLogprob | None = None) -> SequenceOutput:
+        """Output half: what a token the engine appended adds to the text, given the engine's finish for it; a
+        stop string found here ends the sequence as STOP (the caller makes the engine drop it)."""
+        self._tokens_out += 1
         new_text = self.detokenizer.add(token_id)
         text = self._held_text + new_text
-        finish = None
-        # Before min_tokens nothing stops the sequence but its length. From then on stop strings are looked
-        # for, but at the first such step only those that end in its new text: the held text was never checked.
-        checks_stop = len(self.output_ids) >= self.options.min_tokens
-        unchecked = len(self._held_text) if len(self.output_ids) == self.options.min_tokens else 0
+        # Stop strings are looked for from min_tokens on, but at the first such step only those that end in
+        # its new text: the held text was never checked.
+        checks_stop = self._tokens_out >= self.options.min_tokens
+        unchecked = len(self._held_text) if self._tokens_out == self.options.min_tokens else 0
         stop = _first_stop(text, self.options.stop, unchecked) if checks_stop else None
         if stop is not None:
             at, matched = stop
             text = text[: at + len(matched)] if self.options.include_stop_str_in_output else text[:at]
             finish = Finish.STOP
-        elif checks_stop and (
-            token_id in self.options.stop_token_ids or (token_id in self.eos_token_ids and not self.options.ignore_eos)
-        ):
-            # As vLLM: the text of the token that stops the sequence is left out unless asked for.
-            if not self.options.include_stop_str_in_output and new_text:
-                text = text[: len(text) - len(new_text)]
-            finish = Finish.STOP
-        elif len(self.output_ids) >= self.options.max_tokens:
-            finish = Finish.LENGTH
-        elif len(self.prompt_ids) + len(self.output_ids) >= self.max_context_length:
-            finish = Finish.LENGTH
+        elif finish == Finish.STOP and not self.options.include_stop_str_in_output and new_text:
+            # A stop token or EOS. As vLLM: its text is left out unless asked for.
+            text = text[: len(text) - len(new_text)]
         if finish is None:
             keep = _longest_stop_prefix_suffix(text, self.options.stop)
             text, self._held_text = (text[: len(text) - keep], text[len(text) - keep :]) if keep else (text, "")
         else:
             self._held_text = ""
-        self.finish = finish
-        self._emit([token_id], text, logprobs=[logprob] if logprob is not None else [])
+        self._output_finish = finish
+        return self._output([token_id], text, logprobs=[logprob] if logprob is not None else [])
+
+    def end_output(self, finish: Finish, error: str = "") -> SequenceOutput:
+        """Output half: the last output of a sequence that ended without a new token (cancelled, or failed)."""
+        self._held_text = ""
+        self._output_finish = finish
+        return self._output([], "", error)
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> None:
+        """Both halves at once on the caller's thread, and emits what is new (a sequence no engine runs)."""
+        self.emit(self._append_both(token_id, logprob))
 
     def replay(self, token_ids: Seq[int]) -> None:
         """Takes tokens the consumer already has (failover) without emitting them, so the detokeniser and
         the text held back as a possible stop-string start are as if this sequence had produced them."""
-        emit = self.emit
-        self.emit = lambda output: None
-        try:
-            for token_id in token_ids:
-                self.append_token(token_id)
-                if self.finished:
-                    return
-        finally:
-            self.emit = emit
+        for token_id in token_ids:
+            self._append_both(token_id)
+            if self.finished:
+                return
 
-    def end(self, finish: Finish, error: str = "") -> None:
-        """Finishes the sequence without a new token (cancelled, or failed)."""
-        if self.finished:
-            return
-        self.finish = finish
-        self._emit([], "", error)
+    def _append_both(self, token_id: int, logprob: TokenLogprob | None = None) -> SequenceOutput:
+        output = self.text_output(token_id, self.add_token_id(token_id), logprob)
+        if self.finish is None:  # a stop string: with no engine in between, the engine half ends at once
+            self.finish = output.finish
+        return output
 
-    def _emit(
+    def _output(
         self, token_ids: list[int], text: str, error: str = "", logprobs: list[TokenLogprob] | None = None
-    ) -> None:
-        self.emit(
-            SequenceOutput(
-                token_ids=token_ids,
-                text=text,
-                finish=self.finish,
-                prompt_tokens=len(self.prompt_ids),
-                completion_tokens=len(self.output_ids),
-                cached_prompt_tokens=self.cached_prompt_tokens or 0,
-                error=error,
-                logprobs=logprobs or [],
-            )
+    ) -> SequenceOutput:
+        return SequenceOutput(
+            token_ids=token_ids,
+            text=text,
+            finish=self._output_finish,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self._tokens_out,
+            cached_prompt_tokens=self.cached_prompt_tokens or 0,
+            error=error,
+            logprobs=logprobs or [],
         )
 
 

@@ -163,7 +163,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             request.request_id,
             prompt,
             options,
-            emit=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
+            emit=outputs.put_nowait,
+            # Called on this loop: each engine step's outputs for all its streams come in one wake-up.
+            loop=loop,
             priority=served_priority(request.priority),
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
@@ -172,7 +174,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if sequence.finished:
                 raise invalid_argument([("resume_token_ids", "the sequence already ended within these tokens")])
             if not options.greedy:
-                sequence.generator = resumed_generator(options.seed, len(resumed), model.runner.vocab_size)
+                sequence.generator = resumed_generator(
+                    options.seed, len(resumed), model.runner.vocab_size, device=model.runner.device
+                )
         try:
             model.engine.submit(sequence)
         except RuntimeError as exc:

@@ -31,8 +31,29 @@ class Result:
         return self.outputs[-1].finish if self.outputs else None
 
 
-def start_engine(model_dir, num_blocks: int = 512, max_num_seqs: int = 32, tokenizer=None, **kwargs) -> Engine:
-    runner = ModelRunner(model_dir, num_blocks=num_blocks, block_size=kwargs.pop("block_size", 16))
+# The engine's model paths, each compared with itself: (model_impl, compile, dtype).
+PATHS = {
+    "transformers": ("transformers", "off", "float32"),
+    "fast": ("fast", "off", "float32"),
+    "compiled": ("fast", "on", "float32"),
+    "compiled-bf16": ("fast", "on", "bfloat16"),
+}
+
+
+def start_engine(
+    model_dir, num_blocks: int = 512, max_num_seqs: int = 32, tokenizer=None, path: str = "transformers", **kwargs
+) -> Engine:
+    model_impl, compile, dtype = PATHS[path]
+    runner = ModelRunner(
+        model_dir,
+        dtype,
+        num_blocks=num_blocks,
+        block_size=kwargs.pop("block_size", 16),
+        model_impl=model_impl,
+        compile=compile,
+        max_batch=max_num_seqs,
+    )
+    runner.warm_up()
     engine = Engine(runner, tokenizer or ModelTokenizer.from_dir(model_dir), max_num_seqs, **kwargs)
     engine.start()
     return engine
@@ -100,10 +121,15 @@ def mixed_requests(count: int, seed: int, vocab: int, longest: int = 300) -> lis
     return requests
 
 
+@pytest.fixture(scope="module", params=list(PATHS))
+def path(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(model_dir, tokenizer):
+def reference(model_dir, tokenizer, path):
     """32 mixed requests, each run alone on an engine without prefix caching: the tokens to match."""
-    engine = start_engine(model_dir, prefix_caching=False)
+    engine = start_engine(model_dir, prefix_caching=False, path=path)
     try:
         requests = mixed_requests(32, seed=1, vocab=engine.runner.vocab_size)
         return requests, run_alone(engine, tokenizer, requests)
@@ -131,9 +157,11 @@ def test_engine_matches_transformers_greedy(model_dir, tokenizer):
         pytest.param({"block_size": 8, "max_num_seqs": 7, "max_num_batched_tokens": 64}, id="small-blocks"),
     ],
 )
-def test_concurrent_equals_alone(model_dir, tokenizer, reference, setup):
+def test_concurrent_equals_alone(model_dir, tokenizer, reference, path, setup):
+    """On every path and dtype, bf16 included: the fast path's kernels reduce in an order that does not
+    depend on the batch, so a sequence's tokens do not depend on what it is batched with."""
     requests, expected = reference
-    engine = start_engine(model_dir, **setup)
+    engine = start_engine(model_dir, path=path, **setup)
     try:
         results = run_all(engine, tokenizer, requests)
         assert_no_leaks(engine)
@@ -146,17 +174,17 @@ def test_concurrent_equals_alone(model_dir, tokenizer, reference, setup):
         assert engine.scheduler.preemptions > 0, "the tiny pool was meant to force preemption"
 
 
-def test_prefix_cache_hits_give_the_same_tokens(model_dir, tokenizer, reference):
+def test_prefix_cache_hits_give_the_same_tokens(model_dir, tokenizer, reference, path):
     """Requests sharing a long system prompt skip its prefill, and still produce the same tokens."""
     requests, _ = reference
     system = requests[6][0][:150] if len(requests[6][0]) >= 150 else list(range(10, 160))
     shared = [(system + prompt[:20], options) for prompt, options in requests[:12]]
-    cold = start_engine(model_dir, prefix_caching=False)
+    cold = start_engine(model_dir, prefix_caching=False, path=path)
     try:
         expected = run_alone(cold, tokenizer, shared)
     finally:
         cold.stop()
-    engine = start_engine(model_dir, max_num_batched_tokens=128)
+    engine = start_engine(model_dir, max_num_batched_tokens=128, path=path)
     try:
         [first] = run_all(engine, tokenizer, shared[:1])
         assert first.outputs[-1].cached_prompt_tokens == 0

@@ -84,7 +84,22 @@ class WorkerConfig(ServerConfig):
     )
     threads: int = field(default=0, metadata=_help("torch CPU threads (0: half the cores, at least 1)"))
     kernels: str = field(default="auto", metadata=_help("auto (Triton on CUDA, PyTorch elsewhere), triton or torch"))
-    dtype: str = field(default="float32", metadata=_help("float32, bfloat16 or float16"))
+    model_impl: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (the fast path for Llama, Mistral and Qwen2; transformers for the rest), fast or transformers"
+        ),
+    )
+    compile: str = field(
+        default="auto",
+        metadata=_help(
+            "compile the fast path's decode step: auto (torch.compile on CPU, CUDA graphs on CUDA), on, off"
+        ),
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help("auto (bfloat16 on the fast path and on CUDA, else float32), float32, bfloat16 or float16"),
+    )
 
 
 @dataclass

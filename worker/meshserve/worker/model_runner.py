@@ -1,26 +1,34 @@
-"""Scheduled chunks in, next-token logits out: the Hugging Face model over the paged KV pool.
+"""Scheduled chunks in, next-token logits out: the model over the paged KV pool, on one of two paths.
 
-transformers loads the weights and runs its own modules (embeddings, projections, rotary or
-learned positions, MLPs); the attention calls are ours (paged_attention.py), so the cache,
-its memory budget and the batching of many sequences into one forward are the engine's.
+transformers always loads the weights. On the fast path (llama_step.py: the Llama family) the
+step is our own straight-line code over those weights, and decode-only steps are compiled
+(compiled_decode.py). On the transformers path (every other architecture, and the reference in
+tests) transformers runs its own modules and only the attention calls are ours
+(paged_attention.py). Either way the cache, its memory budget and the batching of many
+sequences into one forward are the engine's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from meshserve.worker.compiled_decode import COMPILE_MODES, CompiledDecode
 from meshserve.worker.kernels import load_kernels
-from meshserve.worker.paged_attention import ATTENTION_NAME, KVPool, PagedBatch
+from meshserve.worker.llama_step import LlamaStep, unsupported_reason
+from meshserve.worker.paged_attention import ATTENTION_NAME, KVPool, PagedBatch, attend
 from meshserve.worker.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_IMPLS = ("auto", "fast", "transformers")
 # On CPU with kv_cache_memory "auto": this share of available memory, at most CPU_AUTO_KV_CAP bytes.
 CPU_AUTO_KV_FRACTION = 0.1
 CPU_AUTO_KV_CAP = 1 << 30
@@ -48,9 +56,16 @@ class ModelRunner:
         num_blocks: int | None = None,
         device: str = "auto",
         kernels: str = "auto",
+        model_impl: str = "transformers",
+        compile: str = "auto",
+        max_batch: int = 16,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        if dtype not in DTYPES and dtype != "auto":
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
+        if model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, not {model_impl!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, not {block_size}")
         if device == "auto":
@@ -61,10 +76,17 @@ class ModelRunner:
             raise ValueError(f"the Triton kernels need a block_size that is a power of two >= 16, not {block_size}")
         config = AutoConfig.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=DTYPES[dtype], attn_implementation=ATTENTION_NAME
+            model_dir, dtype=DTYPES.get(dtype, torch.float32), attn_implementation=ATTENTION_NAME
         ).to(self.device)
         self.model.eval()
-        if self.kernels.__name__.endswith("triton_ops"):
+        self.impl = _choose_impl(model_impl, self.model)
+        if dtype == "auto":
+            # bf16 halves the bytes each step reads and runs about twice as fast compiled (DESIGN.md); eager
+            # transformers modules on CPU gain little from it, so that path stays float32 there.
+            dtype = "bfloat16" if self.impl == "fast" or self.device.type == "cuda" else "float32"
+            self.model.to(DTYPES[dtype])
+        self.dtype = dtype
+        if self.kernels.__name__.endswith("triton_ops") and self.impl == "transformers":
             _use_kernel_rms_norms(self.model, self.kernels)
         self.vocab_size: int = config.vocab_size
         self.max_context_length: int = getattr(config, "max_position_embeddings", None) or getattr(
@@ -88,7 +110,16 @@ class ModelRunner:
                 f"kv_cache_memory {kv_cache_memory!r} holds no KV block of {bytes_per_block} bytes; give it more"
             )
         self.kv = KVCacheSpec(block_size, num_blocks, bytes_per_block)
-        self.pool = KVPool.allocate(num_layers, num_blocks, block_size, kv_heads, head_dim, DTYPES[dtype], self.device)
+        # One block more than the block manager hands out: padding rows of compiled batches write into it.
+        self.scratch_block = num_blocks
+        self.pool = KVPool.allocate(
+            num_layers, num_blocks + 1, block_size, kv_heads, head_dim, DTYPES[dtype], self.device
+        )
+        self.step = LlamaStep(self.model, self.kernels) if self.impl == "fast" else None
+        self.decode: CompiledDecode | None = None
+        if self.step is not None and (compile == "on" or (compile == "auto" and _compiles(self.device))):
+            max_blocks = -(-self.max_context_length // block_size)
+            self.decode = CompiledDecode(self.step, self.pool, self.scratch_block, max_batch, max_blocks, self.device)
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
             num_blocks,
@@ -97,10 +128,29 @@ class ModelRunner:
             self.kv.capacity_tokens,
         )
 
+    def warm_up(self, progress=log.info) -> float:
+        """Compiles the decode step now (not at the first request); returns the seconds it took."""
+        if self.decode is None:
+            return 0.0
+        return self.decode.warm_up(progress)
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Computes every chunk's keys and values; returns float32 logits [sampling chunks, vocab]
         for the chunks that reach their sequence's end, in order."""
+        decodes = [c for c in chunks if c.length == 1] if self.decode is not None else []
+        if not decodes or self.decode.bucket(len(decodes)) is None:
+            return self._run_eager(chunks)
+        if len(decodes) == len(chunks):
+            return self._run_decode(chunks)
+        # Decodes always take the compiled step, whatever else the step holds, so a sequence's tokens do not
+        # depend on whether a prompt was being prefilled beside it; prompt chunks run eagerly on their own.
+        prompts = [c for c in chunks if c.length != 1]
+        logits = torch.cat([self._run_decode(decodes), self._run_eager(prompts)])
+        rows = {id(c): i for i, c in enumerate(c for c in decodes + prompts if c.samples)}
+        return logits[[rows[id(c)] for c in chunks if c.samples]]
+
+    def _run_eager(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         block_size = self.kv.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -147,6 +197,13 @@ class ModelRunner:
                 [r + i for r, n in zip(prompt_rows, prompt_lens, strict=True) for i in range(n)]
             ),
         )
+        if self.step is not None:
+            return self.step.forward(
+                self._tensor(input_ids),
+                self._tensor(positions),
+                self._tensor(sample_rows),
+                lambda layer, q, k, v, scale, window: attend(paged, layer, q, k, v, scale, window),
+            )
         out = self.model(
             input_ids=self._tensor(input_ids).unsqueeze(0),
             position_ids=self._tensor(positions).unsqueeze(0),
@@ -156,6 +213,19 @@ class ModelRunner:
         )
         return out.logits[0].float()
 
+    def _run_decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        block_size = self.kv.block_size
+        input_ids, positions, tables = [], [], []
+        for chunk in chunks:
+            sequence = chunk.sequence
+            input_ids.append(sequence.token_ids[chunk.start])
+            positions.append(chunk.start)
+            tables.append(sequence.block_table[: chunk.start // block_size + 1])
+        logits = self.decode.run(input_ids, positions, tables, [p + 1 for p in positions])
+        if all(chunk.samples for chunk in chunks):
+            return logits
+        return logits[[i for i, chunk in enumerate(chunks) if chunk.samples]]
+
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
@@ -163,6 +233,25 @@ class ModelRunner:
         """Block tables padded with block 0 to the widest: [len(tables), widest]."""
         widest = max((len(t) for t in tables), default=0)
         return self._tensor([t + [0] * (widest - len(t)) for t in tables]).view(len(tables), widest)
+
+
+def _choose_impl(model_impl: str, model: torch.nn.Module) -> str:
+    reason = unsupported_reason(model)
+    if model_impl == "fast" and reason is not None:
+        raise ValueError(f"model_impl fast cannot run this model: {reason}; use auto or transformers")
+    if model_impl == "auto":
+        if reason is None:
+            return "fast"
+        log.info("the model takes the transformers path: %s", reason)
+        return "transformers"
+    return model_impl
+
+
+def _compiles(device: torch.device) -> bool:
+    """Compiling needs a C++ compiler on CPU (inductor) and nothing more on CUDA (graphs)."""
+    if device.type == "cuda":
+        return True
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 class KernelRMSNorm(torch.nn.Module):

@@ -78,14 +78,33 @@ def paged_attention_forward(
     """query: [1, heads, T, head_dim]; key, value: [1, kv_heads, T, head_dim]. Returns [1, T, heads, head_dim]."""
     if paged is None:
         raise RuntimeError(f"the {ATTENTION_NAME} attention runs only inside the meshserve engine")
-    ops = paged.kernels
-    layer = module.layer_idx
-    key_pool, value_pool = paged.pool.keys[layer], paged.pool.values[layer]
-    scale = scaling if scaling is not None else key_pool.shape[3] ** -0.5
-    window = sliding_window or 0
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = attend(
+        paged,
+        module.layer_idx,
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        scale,
+        sliding_window or 0,
+    )
+    return out.unsqueeze(0), None
 
-    ops.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), key_pool, value_pool, paged.slot_mapping)
-    queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
+
+def attend(
+    paged: PagedBatch,
+    layer: int,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    """queries [T, heads, head_dim], keys/values [T, kv_heads, head_dim] of one step's tokens: writes the keys
+    and values into the pool, then attends each token to its own sequence. Returns [T, heads, head_dim]."""
+    ops = paged.kernels
+    key_pool, value_pool = paged.pool.keys[layer], paged.pool.values[layer]
+    ops.write_kv(keys, values, key_pool, value_pool, paged.slot_mapping)
     out = torch.empty_like(queries)
     if paged.decode_rows.numel():
         out[paged.decode_rows] = ops.decode_attention(
@@ -109,7 +128,7 @@ def paged_attention_forward(
             scale,
             window,
         )
-    return out.unsqueeze(0), None
+    return out
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

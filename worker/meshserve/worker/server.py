@@ -59,7 +59,13 @@ class LoadedModel:
             block_size=config.block_size,
             kv_cache_memory=config.kv_cache_memory,
             kernels=config.kernels,
+            model_impl=config.model_impl,
+            compile=config.compile,
+            max_batch=config.max_num_seqs,
         )
+        seconds = self.runner.warm_up(lambda line: log.info("%s", line))
+        if seconds:
+            log.info("the decode step compiled in %.1f s (cached for the next start)", seconds)
         self.tokenizer = ModelTokenizer.from_dir(model_dir)
         self.engine = Engine(
             self.runner,
@@ -383,5 +389,12 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
 
     running.on_stop.append(stop_engine)
     await running.set_serving(True)
-    log.info("worker loaded %s from %s (%d threads)", name, model_dir, threads)
+    log.info(
+        "worker loaded %s from %s (%s path, %s, %d threads)",
+        name,
+        model_dir,
+        model.runner.impl,
+        model.runner.dtype,
+        threads,
+    )
     return running

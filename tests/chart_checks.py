@@ -25,6 +25,8 @@ COMPONENTS = ("gateway", "router", "aggregator", "worker")
 # Who calls whom: the only in-release traffic the NetworkPolicies may allow.
 CALLERS = {"router": {"gateway", "aggregator"}, "aggregator": {"gateway"}, "worker": {"router"}}
 TENANT_HASH = "a" * 64
+# Where libraries in the services write their caches.
+CACHE_VARIABLES = {"XDG_CACHE_HOME", "HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -41,7 +43,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "gpu": {"enabled": False},
             "replicas": 1,
             "drainSeconds": 60,
-            "config": {"dtype": "float32", "threads": 2, "kvCacheMemory": "512MiB"},
+            "config": {
+                "dtype": "float32",
+                "threads": 2,
+                "kvCacheMemory": "512MiB",
+                "modelImpl": "fast",
+                "compile": "on",
+            },
             "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "3Gi"}},
         },
         "model": {"source": "hostPath", "hostPath": {"path": "/srv/models"}, "path": "tiny"},
@@ -156,6 +164,15 @@ def check_containers(docs: list[dict[str, Any]]) -> None:
             for writable in ("/tmp", env["MESHSERVE_CACHE"], env["HOME"]):
                 volume = volumes.get(mounts.get(writable, ""), {})
                 assert "emptyDir" in volume, f"{name}: {writable} is not on a writable volume"
+            # The library caches (compiled kernels above all, reused when the container restarts) lie inside one.
+            for variable in CACHE_VARIABLES & set(env):
+                path = env[variable].rstrip("/")
+                mount = max(
+                    (m for m in mounts if path == m or path.startswith(f"{m.rstrip('/')}/")), key=len, default=""
+                )
+                assert "emptyDir" in volumes.get(mounts.get(mount, ""), {}), (
+                    f"{name}: {variable}={path} is not writable"
+                )
 
 
 def check_exposure(docs: list[dict[str, Any]]) -> None:

@@ -16,6 +16,9 @@ BAD_VALUES = [
     ({"router": {"maxQueued": 5}}, "/router", "'maxQueued' not allowed"),
     ({"workers": {"replicas": 2}}, "'workers' not allowed", ""),
     ({"worker": {"config": {"dtype": "fp8"}}}, "/worker/config/dtype", "float32"),
+    ({"worker": {"config": {"modelImpl": "vllm"}}}, "/worker/config/modelImpl", "transformers"),
+    ({"worker": {"config": {"compile": "yes"}}}, "/worker/config/compile", "'off'"),
+    ({"worker": {"config": {"compile": 1}}}, "/worker/config/compile", "want boolean or string"),
     ({"worker": {"autoscaling": {"maxReplicas": 0}}}, "/worker/autoscaling/maxReplicas", "minimum"),
     (
         {"auth": {"tenants": [{"name": "acme", "key_sha256": ["not-a-hash"]}]}},
@@ -39,6 +42,32 @@ def test_bad_values_are_refused_with_the_key_named(values, where, what):
         assert where in str(caught.value) and what in str(caught.value)
         with pytest.raises(helm.HelmValuesError):
             chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def schema_enum(chart: Any, *path: str) -> list[Any]:
+    node = chart.schema
+    for key in path:
+        node = node["properties"][key]
+    return node["enum"]
+
+
+def test_worker_choices_in_the_schema_are_the_workers_own():
+    """Every choice the schema lets through is one the worker takes, and the other way round."""
+    pytest.importorskip("torch")
+    from meshserve.worker.compiled_decode import COMPILE_MODES
+    from meshserve.worker.kernels import BACKENDS
+    from meshserve.worker.model_runner import DTYPES, MODEL_IMPLS
+
+    wanted = {
+        "modelImpl": set(MODEL_IMPLS),
+        # true and false are a values file's bare on and off; the chart passes them on as on and off.
+        "compile": {*COMPILE_MODES, True, False},
+        "dtype": {"auto", *DTYPES},
+        "kernels": set(BACKENDS),
+    }
+    with helm.Chart.load(str(CHART)) as chart:
+        for key, choices in wanted.items():
+            assert set(schema_enum(chart, "worker", "config", key)) == choices, key
 
 
 TEMPLATE_REFUSALS = [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from chart_checks import config_env, deployments_by_component
+import pytest
+
+from chart_checks import config_env, deployments_by_component, helm, objects, render
 
 
 def test_gpu_workers_request_gpus_on_gpu_nodes(docs):
@@ -37,6 +39,7 @@ def test_cpu_only_workers_ask_for_no_gpu(docs):
         "2",
         "/models/tiny",
     )
+    assert (env["MESHSERVE_MODEL_IMPL"], env["MESHSERVE_COMPILE"]) == ("fast", "on")
     assert pod["terminationGracePeriodSeconds"] == 70
 
 
@@ -48,3 +51,31 @@ def test_builtin_and_init_model_sources(docs):
     assert init["command"] == ["sh", "-c", "cp -r /seed/. /models/"]
     assert {"name": "model", "mountPath": "/models"} in init["volumeMounts"]
     assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}["model"]
+
+
+def test_the_default_worker_settings_reach_its_env(docs):
+    env = config_env(docs["default"], deployments_by_component(docs["default"])["worker"])
+    assert (env["MESHSERVE_MODEL_IMPL"], env["MESHSERVE_COMPILE"], env["MESHSERVE_DTYPE"]) == (
+        "auto",
+        "auto",
+        "bfloat16",
+    )
+    # torch.compile's code goes to the cache emptyDir (writable, kept across container restarts).
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == f"{env['MESHSERVE_CACHE']}/inductor"
+
+
+@pytest.mark.parametrize(
+    ("values_file", "wanted"),
+    [
+        # YAML 1.1, as Helm reads -f files: a bare off is false and a bare on is true; the worker wants off and on.
+        ("compile: off\nmodelImpl: transformers\ndtype: auto", ("off", "transformers", "auto")),
+        ("compile: on\nmodelImpl: fast", ("on", "fast", "bfloat16")),
+        ('compile: "off"', ("off", "auto", "bfloat16")),
+    ],
+)
+def test_model_impl_compile_and_dtype_from_a_values_file(values_file, wanted):
+    config = "\n".join(f"    {line}" for line in values_file.splitlines())
+    values = helm.values_from_yaml(f"worker:\n  config:\n{config}\n")
+    docs = objects(render(values))
+    env = config_env(docs, deployments_by_component(docs)["worker"])
+    assert (env["MESHSERVE_COMPILE"], env["MESHSERVE_MODEL_IMPL"], env["MESHSERVE_DTYPE"]) == wanted

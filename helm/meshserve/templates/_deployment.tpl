@@ -192,6 +192,10 @@ MESHSERVE_DRAIN_SECONDS: {{ include "meshserve.envValue" $c.drainSeconds | quote
 MESHSERVE_TRACE: {{ ternary $v.tracing.exporter "none" $v.tracing.enabled | quote }}
 MESHSERVE_CACHE: {{ $v.cache.mountPath | quote }}
 {{- range $key, $value := $c.config }}
+{{- /* A values file's bare `compile: off` arrives as false (YAML 1.1); the worker takes auto, on or off. */}}
+{{- if and (eq $key "compile") (kindIs "bool" $value) }}
+{{- $value = ternary "on" "off" $value }}
+{{- end }}
 {{ printf "MESHSERVE_%s" ($key | snakecase | upper) }}: {{ include "meshserve.envValue" $value | quote }}
 {{- end }}
 {{- if eq .component "gateway" }}

@@ -1,14 +1,15 @@
-"""The worker engine against a naive server (one `transformers` generate() per request), in one run.
+"""The engine's fast path against its transformers path and a naive server, in one run.
 
-    python bench/engine.py [--concurrency 1,4,16,32] [--max-tokens 64] [--threads 1]
+    python bench/engine.py [--concurrency 1,4,16,32,64] [--max-tokens 64] [--threads 1] [--device cuda]
 
-For each concurrency both serve that many requests at once (different prompts of 20-60
-tokens, greedy, ignore_eos so every request yields max_tokens) and the script prints output
-tokens/s, mean and worst time to first token, and the engine's ratio to the baseline.
-The naive server runs each request's generate() on its own thread, as a thread-per-request
-server would. Both use the same number of torch threads. Finally it profiles one decode step
-of the engine at batch 16: where the time goes, on the engine thread and, meanwhile, on the output
-processor's.
+Three contenders: the engine on the fast path (our Llama step, decode compiled, bf16 by
+default), the same engine on the transformers path (fp32 by default), and a naive server (one
+`transformers` generate() per request, each on its own thread, as a thread-per-request server
+would). For each concurrency each serves that many requests at once (different prompts of
+20-60 tokens, greedy, ignore_eos so every request yields max_tokens), one after the other; the
+script prints output tokens/s, mean and worst time to first token, and the ratios. All use the
+same number of torch threads. Finally it profiles one decode step of the fast path at batch 16:
+where the time goes, on the engine thread and, meanwhile, on the output processor's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.builtin_model import ensure_builtin_model
 from meshserve.worker.engine import Engine
-from meshserve.worker.model_runner import ModelRunner
+from meshserve.worker.model_runner import DTYPES, ModelRunner
 from meshserve.worker.sampler import sample
 from meshserve.worker.sequence import SamplingOptions, SequenceOutput
 
@@ -95,7 +96,7 @@ def run_naive(model, batch: list[list[int]], max_tokens: int) -> Run:
     def serve(i: int) -> None:
         with torch.inference_mode():
             out = model.generate(
-                torch.tensor([batch[i]]),
+                torch.tensor([batch[i]], device=model.device),
                 max_new_tokens=max_tokens,
                 min_new_tokens=max_tokens,
                 do_sample=False,
@@ -165,11 +166,34 @@ def profile_decode_step(engine: Engine, batch: list[list[int]]) -> None:
         engine.scheduler.remove(sequence)
 
 
+def start(model_dir, tokenizer, impl: str, dtype: str, device: str, max_num_seqs: int) -> Engine:
+    compile = "on" if impl == "fast" else "off"
+    began = time.perf_counter()
+    runner = ModelRunner(
+        model_dir,
+        dtype,
+        kv_cache_memory="256MiB",
+        device=device,
+        model_impl=impl,
+        compile=compile,
+        max_batch=max_num_seqs,
+    )
+    compiled = runner.warm_up(lambda line: None)
+    print(f"{impl} path: {runner.dtype}, ready in {time.perf_counter() - began:.1f} s ({compiled:.1f} s compiling)")
+    engine = Engine(runner, tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=512)
+    engine.start()
+    return engine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, for both")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for all three")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the naive server runs there too)")
+    parser.add_argument("--dtype", default="auto", help="the fast path's dtype (auto: bfloat16)")
+    parser.add_argument("--reference-dtype", default="float32", help="the transformers path's and naive dtype")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive server (slow at high concurrency)")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,31 +201,44 @@ def main() -> None:
 
     model_dir = ensure_builtin_model()
     tokenizer = ModelTokenizer.from_dir(model_dir)
-    runner = ModelRunner(model_dir, kv_cache_memory="256MiB")
-    engine = Engine(runner, tokenizer, max_num_seqs=max(levels), max_num_batched_tokens=512)
-    engine.start()
-    naive = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    vocab = runner.vocab_size
-
-    run_engine(engine, prompts(4, vocab, seed=99), 8)  # warm-up
+    engines = {
+        "fast": start(model_dir, tokenizer, "fast", args.dtype, args.device, max(levels)),
+        "transformers": start(model_dir, tokenizer, "transformers", args.reference_dtype, args.device, max(levels)),
+    }
+    naive = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.reference_dtype]).to(args.device).eval()
+    vocab = engines["fast"].runner.vocab_size
+    for engine in engines.values():
+        run_engine(engine, prompts(4, vocab, seed=99), 8)  # warm-up
     run_naive(naive, prompts(1, vocab, seed=99), 8)
-    print(f"built-in model, {args.max_tokens} output tokens per request, {args.threads} torch thread(s)\n")
-    header = f"{'concurrent':>10} | {'engine tok/s':>12} {'TTFT mean/max s':>16} | {'naive tok/s':>11} "
-    print(header + f"{'TTFT mean/max s':>16} | {'ratio':>6}")
+    print(
+        f"\nbuilt-in model, {args.max_tokens} output tokens per request, {args.threads} torch thread(s), "
+        f"{args.device}; tok/s and TTFT mean/max in s\n"
+    )
+    print(
+        f"{'concurrent':>10} | {'fast':>7} {'TTFT':>13} | {'transformers':>12} {'TTFT':>13} | {'naive':>6} "
+        f"{'TTFT':>13} | {'fast/transformers':>17} {'fast/naive':>10}"
+    )
     for level in levels:
-        # Prompts differ per level so the prefix cache cannot help the engine.
+        # Prompts differ per level so the prefix cache cannot help; the contenders alternate at each level.
         batch = prompts(level, vocab, seed=level)
-        ours = run_engine(engine, batch, args.max_tokens)
-        theirs = run_naive(naive, batch, args.max_tokens)
-        print(
-            f"{level:>10} | {ours.tokens_per_second:>12.0f} {ours.ttft_mean:>7.3f}/{ours.ttft_max:<8.3f} | "
-            f"{theirs.tokens_per_second:>11.0f} {theirs.ttft_mean:>7.3f}/{theirs.ttft_max:<8.3f} | "
-            f"{ours.tokens_per_second / theirs.tokens_per_second:>5.1f}x",
-            flush=True,
-        )
-    engine.stop()
+        fast = run_engine(engines["fast"], batch, args.max_tokens)
+        reference = run_engine(engines["transformers"], batch, args.max_tokens)
+        baseline = None if args.no_naive else run_naive(naive, batch, args.max_tokens)
+        cells = [f"{level:>10}"]
+        for run, width in ((fast, 7), (reference, 12), (baseline, 6)):
+            cells.append(
+                f"{run.tokens_per_second:>{width}.0f} {run.ttft_mean:>6.3f}/{run.ttft_max:<6.3f}"
+                if run
+                else f"{'-':>{width}} {'':13}"
+            )
+        ratio_naive = f"{fast.tokens_per_second / baseline.tokens_per_second:>9.1f}x" if baseline else f"{'-':>10}"
+        cells.append(f"{fast.tokens_per_second / reference.tokens_per_second:>16.2f}x {ratio_naive}")
+        print(" | ".join(cells), flush=True)
+    for engine in engines.values():
+        engine.stop()
     if not args.no_profile:
-        profile_decode_step(engine, prompts(16, vocab, seed=123))
+        print("\nthe fast path:")
+        profile_decode_step(engines["fast"], prompts(16, vocab, seed=123))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
+from engine_support import run_all, start_engine
 from meshserve.worker.llama_step import unsupported_reason
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sequence import SamplingOptions
-from test_engine import run_all, start_engine
 
 VOCAB = 512
 SHAPE = dict(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
+from engine_support import assert_no_leaks, run_all, run_alone, start_engine
 from meshserve.worker.sequence import Finish, SamplingOptions
-from test_engine import assert_no_leaks, run_all, run_alone, start_engine
 
 HOSTILE = {
     "temperature 1e-44": SamplingOptions(max_tokens=10, temperature=1e-44),

@@ -9,12 +9,12 @@ from collections.abc import Callable
 
 import pytest
 
+from engine_support import WAIT_S, assert_no_leaks, make_sequence, run_all, start_engine
 from meshserve.common.tokenizer import IncrementalDetokenizer, ModelTokenizer
 from meshserve.worker.engine import Engine
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.sequence import Finish, SamplingOptions, SequenceOutput
 from support import wait_for
-from test_engine import WAIT_S, assert_no_leaks, make_sequence, run_all, start_engine
 
 PROMPT = "The router picks a worker for each request"
 OUTPUT_THREAD = "engine-outputs"

@@ -53,7 +53,10 @@ class CompiledDecode:
         self._graphs: dict[int, _Graph] = {}
         if device.type == "cpu":
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(self.buckets))
+            # Graphs compiled for another model in this process (tests build several) must not be reused:
+            # dynamo's guards on the plain objects holding the weights do not tell such models apart.
+            # A worker holds one model, so this costs it nothing; the on-disk cache keeps recompiling cheap.
+            torch._dynamo.reset()
             self._compiled = torch.compile(self._decode, dynamic=True, fullgraph=True)
 
     def bucket(self, batch: int) -> int | None:

@@ -13,6 +13,8 @@ from support import EventLoopThread, Mesh, in_process_mesh
 
 # Triton kernels run on CPU tensors through its interpreter; it must be chosen before triton is imported.
 os.environ["TRITON_INTERPRET"] = "1"
+# Worker processes the tests start read it (support.TEST_DTYPE says why float32).
+os.environ.setdefault("MESHSERVE_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

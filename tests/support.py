@@ -29,6 +29,9 @@ from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, wo
 
 T = TypeVar("T")
 
+# The mesh tests compare streams with float32 references (transformers generate(), uninterrupted runs), and only
+# float32 promises that a resumed sequence continues exactly (README: exactness); bf16 has its own engine tests.
+TEST_DTYPE = "float32"
 HOST = "127.0.0.1"
 WAIT_S = 120  # for a service process to start (it loads the model), or a long stream to end
 POLL_S = 0.02
@@ -136,7 +139,11 @@ def in_process_workers(loop_thread: EventLoopThread, seats: Sequence[int], grace
     with ExitStack() as stack:
         yield [
             stack.enter_context(
-                in_process(loop_thread, start_worker(WorkerConfig(host=HOST, port=0, max_num_seqs=n, threads=1)), grace)
+                in_process(
+                    loop_thread,
+                    start_worker(WorkerConfig(host=HOST, port=0, max_num_seqs=n, threads=1, dtype=TEST_DTYPE)),
+                    grace,
+                )
             )
             for n in seats
         ]

@@ -100,7 +100,9 @@ def small_worker(loop_thread):
     from meshserve.common.config import WorkerConfig
     from meshserve.worker.server import start_worker
 
-    server = loop_thread.run(start_worker(WorkerConfig(host="127.0.0.1", port=0, threads=1, kv_cache_memory="1MiB")))
+    server = loop_thread.run(
+        start_worker(WorkerConfig(host="127.0.0.1", port=0, threads=1, kv_cache_memory="1MiB", dtype="float32"))
+    )
     yield server
     loop_thread.run(server.stop(0))
 

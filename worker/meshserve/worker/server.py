@@ -110,6 +110,8 @@ class _SequenceTrace:
             self.prefill.end()
             self.decode = tracer.start_span("worker.decode", attributes=self.attributes)
             self.metrics.time_to_first_token.labels(self.priority).observe(now - self.started)
+            for _ in range(count - 1):  # tokens that came with the first, in the same engine step's message
+                self.metrics.inter_token_latency.observe(0.0)
         elif count:
             for _ in range(count):  # per token, so the histogram counts tokens, not messages
                 self.metrics.inter_token_latency.observe((now - self.last) / count)

@@ -103,7 +103,7 @@ class CompiledDecode:
             return self._compiled(*inputs)[:rows]
         graph = self._graphs.get(batch)
         if graph is None:
-            graph = self._graphs[batch] = _Graph(self._decode_kernels, [t.to(self.device) for t in inputs])
+            graph = self._graphs[batch] = _Graph(self._decode, [t.to(self.device) for t in inputs])
         return graph.replay(inputs)[:rows]
 
     def _decode(
@@ -114,30 +114,15 @@ class CompiledDecode:
         tables: torch.Tensor,
         context_lens: torch.Tensor,
     ) -> torch.Tensor:
+        """The decode step: attention as reductions inductor fuses with the gather on CPU; the device's own
+        kernel (Triton) under CUDA graphs."""
         ops, pool = self.step.kernels, self.pool
+        decode_attention = reduce_decode_attention if self.device.type == "cpu" else ops.decode_attention
 
         def attention(layer: int, q, k, v, scale: float, window: int) -> torch.Tensor:
-            ops.write_kv(k, v, pool.keys[layer], pool.values[layer], slots)
-            return reduce_decode_attention(pool.keys[layer], pool.values[layer], q, tables, context_lens, scale, window)
-
-        return self.step.forward(input_ids, positions, None, attention)
-
-    def _decode_kernels(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        tables: torch.Tensor,
-        context_lens: torch.Tensor,
-    ) -> torch.Tensor:
-        """The same step with the device's own kernels (Triton on CUDA), for graph capture."""
-        ops, pool = self.step.kernels, self.pool
-
-        def attention(layer: int, q, k, v, scale: float, window: int) -> torch.Tensor:
-            ops.write_kv(k, v, pool.keys[layer], pool.values[layer], slots)
-            return ops.decode_attention(
-                q.contiguous(), pool.keys[layer], pool.values[layer], tables, context_lens, scale, window
-            )
+            keys, values = pool.keys[layer], pool.values[layer]
+            ops.write_kv(k, v, keys, values, slots)
+            return decode_attention(q.contiguous(), keys, values, tables, context_lens, scale, window)
 
         return self.step.forward(input_ids, positions, None, attention)
 

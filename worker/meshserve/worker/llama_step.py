@@ -140,16 +140,17 @@ def _rotary_tables(rotary: torch.nn.Module, config, like: torch.Tensor) -> tuple
 
 
 def reduce_decode_attention(
+    queries: torch.Tensor,
     key_pool: torch.Tensor,
     value_pool: torch.Tensor,
-    queries: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
     window: int,
 ) -> torch.Tensor:
-    """One query per sequence over its pages, as reductions inductor fuses with the gather.
-    queries [B, heads, dim]; pools [kv_heads, blocks, block_size, dim]; block_tables [B, W]."""
+    """One query per sequence over its pages, as reductions inductor fuses with the gather; the signature of
+    the kernels' decode_attention. queries [B, heads, dim]; pools [kv_heads, blocks, block_size, dim];
+    block_tables [B, W]."""
     batch, heads, dim = queries.shape
     kv_heads, _, block_size, _ = key_pool.shape
     width = block_tables.shape[1]

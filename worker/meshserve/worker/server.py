@@ -391,12 +391,6 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
 
     running.on_stop.append(stop_engine)
     await running.set_serving(True)
-    log.info(
-        "worker loaded %s from %s (%s path, %s, %d threads)",
-        name,
-        model_dir,
-        model.runner.impl,
-        model.runner.dtype,
-        threads,
-    )
+    runner = model.runner
+    log.info("worker loaded %s from %s (%s path, %s, %d threads)", name, model_dir, runner.impl, runner.dtype, threads)
     return running

@@ -52,12 +52,14 @@ class CompiledDecode:
         self.device = device
         self._graphs: dict[int, _Graph] = {}
         if device.type == "cpu":
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+            _use_our_inductor_cache()
             # Graphs compiled for another model in this process (tests build several) must not be reused:
             # dynamo's guards on the plain objects holding the weights do not tell such models apart.
             # A worker holds one model, so this costs it nothing; the on-disk cache keeps recompiling cheap.
             torch._dynamo.reset()
-            self._compiled = torch.compile(self._decode, dynamic=True, fullgraph=True)
+            # Only the batch and the table width vary (marked in run); the weights stay static, which keeps
+            # tracing (symbolic shapes) short on every start.
+            self._compiled = torch.compile(self._decode, fullgraph=True)
 
     def bucket(self, batch: int) -> int | None:
         """The smallest bucket holding `batch`, None when it exceeds the largest."""
@@ -99,6 +101,8 @@ class CompiledDecode:
             torch.tensor(context_lens + [1] * pad, dtype=torch.long),
         )
         if self.device.type == "cpu":
+            for tensor in inputs:
+                torch._dynamo.mark_dynamic(tensor, 0)
             torch._dynamo.mark_dynamic(inputs[3], 1)
             return self._compiled(*inputs)[:rows]
         graph = self._graphs.get(batch)
@@ -125,6 +129,18 @@ class CompiledDecode:
             return decode_attention(q.contiguous(), keys, values, tables, context_lens, scale, window)
 
         return self.step.forward(input_ids, positions, None, attention)
+
+
+def _use_our_inductor_cache() -> None:
+    """Inductor's compiled code under $MESHSERVE_CACHE/inductor, unless the operator chose a directory.
+
+    Importing torch's libraries already fills TORCHINDUCTOR_CACHE_DIR with torch's default (a per-user
+    directory in /tmp, which does not survive a container restart), so that value counts as not chosen."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
 class _Graph:

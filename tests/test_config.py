@@ -14,7 +14,7 @@ def parse(config_type, argv):
 
 
 def test_flag_beats_environment_beats_default(monkeypatch):
-    assert parse(WorkerConfig, []).max_num_seqs == 16
+    assert parse(WorkerConfig, []).max_num_seqs == 32
     monkeypatch.setenv("MESHSERVE_MAX_NUM_SEQS", "4")
     assert parse(WorkerConfig, []).max_num_seqs == 4
     assert parse(WorkerConfig, ["--max-num-seqs", "2"]).max_num_seqs == 2

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the whole mesh on this machine, one process per service")
     up.add_argument("--model", default="", help="Hugging Face model directory (default: the built-in tiny model)")
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    up.add_argument("--max-num-seqs", type=int, default=16, help="sequences each worker decodes together")
+    up.add_argument("--max-num-seqs", type=int, default=32, help="sequences each worker decodes together")
     up.add_argument("--host", default=cfg.DEFAULT_HOST, help="address every service listens on")
     up.add_argument("--port", type=int, default=cfg.GATEWAY_PORT, help="the gateway's gRPC port")
     up.add_argument("--router-port", type=int, default=cfg.ROUTER_PORT)

@@ -67,7 +67,7 @@ class WorkerConfig(ServerConfig):
     model_name: str = field(
         default="", metadata=_help("name the model is served under (default: the directory's name)")
     )
-    max_num_seqs: int = field(default=16, metadata=_help("sequences decoded together at most"))
+    max_num_seqs: int = field(default=32, metadata=_help("sequences decoded together at most"))
     max_num_batched_tokens: int = field(
         default=512, metadata=_help("tokens computed in one engine step at most (longer prompts go in chunks)")
     )

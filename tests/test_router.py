@@ -140,7 +140,9 @@ def retry_info(error: grpc.RpcError):
 def test_a_deadline_shorter_than_the_queue_wait_never_reaches_a_worker(loop_thread):
     with router_with_workers(loop_thread, [1]) as stub:
         recorder = Recorder(stub)
-        recorder.send("running", token_request([5, 6], 300))
+        # Long enough to hold the only seat past the 0.3 s deadline below even on the compiled fast path
+        # (1,800 tokens at 0.5 ms or more each).
+        recorder.send("running", token_request([5, 6], 1800))
         wait_for(lambda: "running" in recorder.first_token, "the running request's first token", WAIT_S)
         before = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
         with pytest.raises(grpc.RpcError) as caught:

@@ -125,21 +125,18 @@ def test_admitted_requests_carry_the_tenant_and_a_default_priority_within_the_ce
     from meshserve.common.channels import aio_channel
     from meshserve.common.config import GatewayConfig
     from meshserve.common.models import ModelCatalog
-    from meshserve.gateway.server import InferenceServicer
-    from meshserve.v1 import aggregator_pb2_grpc
+    from meshserve.gateway.infer import Infer
+    from meshserve.gateway.mesh_client import MeshClient
 
     async def admitted(key: str, priority: int) -> common_pb2.TokenRequest:
         router_channel, aggregator_channel = aio_channel(mesh.router), aio_channel(mesh.aggregator)
         try:
-            router = router_pb2_grpc.RouterStub(router_channel)
-            catalog = ModelCatalog(router)
+            client = MeshClient(router_channel, aggregator_channel)
+            catalog = ModelCatalog(client.router)
             await catalog.refresh()
-            servicer = InferenceServicer(
-                GatewayConfig(), catalog, router, aggregator_pb2_grpc.AggregatorStub(aggregator_channel),
-                KeyStore(str(keys_file)), RateLimiter(),
-            )  # fmt: skip
+            core = Infer(GatewayConfig(), catalog, client, KeyStore(str(keys_file)), RateLimiter())
             request = inference_pb2.GenerateRequest(prompt="Hello", priority=priority)
-            admission = await servicer.admit(request, servicer.authenticate(f"Bearer {key}"))
+            admission = await core.admit(request, core.authenticate(f"Bearer {key}"))
             return admission.validated.token_request
         finally:
             await router_channel.close()

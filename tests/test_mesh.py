@@ -9,10 +9,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM
 
-from meshserve.common.errors import bad_request_fields
+from meshserve.common.errors import MeshError, bad_request_fields
 from meshserve.common.tokenizer import ModelTokenizer
-from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2_grpc
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from support import wait_for, worker_load
+from worker_client import generate_on_worker, violated_fields
 
 PROMPTS = ["Hello world", "Once upon a time, in a city by the sea", "The router picks a worker"]
 
@@ -248,9 +249,8 @@ def test_router_skips_an_unreachable_worker(mesh, loop_thread):
 
 
 def test_worker_checks_requests_that_bypass_the_gateway(mesh):
-    stub = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
     request = common_pb2.TokenRequest(prompt_token_ids=[], sampling=common_pb2.SamplingParams(top_p=2.0))
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.Generate(request, timeout=10))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(bad_request_fields(caught.value)) == {"prompt_token_ids", "sampling.top_p"}
+    with pytest.raises(MeshError) as caught:
+        generate_on_worker(mesh.channel(mesh.worker), request, timeout=10)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violated_fields(caught.value)) == {"prompt_token_ids", "sampling.top_p"}

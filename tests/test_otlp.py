@@ -104,7 +104,7 @@ def test_a_mesh_of_processes_exports_one_trace_per_request_over_otlp(cache_dir, 
         span_ids = {s[4] for s in in_trace}
         assert all(s[3] in span_ids for s in in_trace if s[3]), in_trace
         names = {s[2] for s in in_trace}
-        assert {"/meshserve.v1.Router/Generate", "router.dispatch", "/meshserve.v1.Worker/Generate"} <= names
+        assert {"/meshserve.v1.Router/Generate", "router.dispatch", "worker.sequence"} <= names
     finally:
         stop_processes(s.process for s in services.values())
         server.stop(0)

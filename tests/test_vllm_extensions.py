@@ -8,9 +8,10 @@ import grpc
 import openai
 import pytest
 
-from meshserve.common.errors import bad_request_fields
+from meshserve.common.errors import MeshError, bad_request_fields
 from meshserve.common.tokenizer import ModelTokenizer
-from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2_grpc
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from worker_client import generate_on_worker, violated_fields
 
 MODEL = "meshserve-tiny"
 
@@ -197,23 +198,23 @@ def test_min_tokens_above_max_tokens_is_invalid_argument_through_grpc(inference,
         inference.Generate(inference_pb2.GenerateRequest(prompt="Hi", sampling=sampling), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(caught.value) == ["sampling.min_tokens"] and "max_tokens (4)" in caught.value.details()
-    worker = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
-    with pytest.raises(grpc.RpcError) as caught:
-        list(worker.Generate(common_pb2.TokenRequest(prompt_token_ids=[5, 6], sampling=sampling), timeout=30))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_request_fields(caught.value) == ["sampling.min_tokens"]
+    with pytest.raises(MeshError) as caught:
+        request = common_pb2.TokenRequest(prompt_token_ids=[5, 6], sampling=sampling)
+        generate_on_worker(mesh.channel(mesh.worker), request, timeout=30)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == ["sampling.min_tokens"]
 
 
 @pytest.mark.parametrize("seed", [None, 7])
 def test_a_resumed_sequence_continues_exactly_under_min_tokens(mesh, tokenizer, seed):
     """Failover: the worker that takes over counts the resumed tokens toward min_tokens (its mask and its
     stop checks) and draws on from the same generator state, so it goes on exactly as the first would have."""
-    worker = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
+    worker = mesh.channel(mesh.worker)
     prompt = tokenizer.encode("Hello")
 
     def generate(sampling: common_pb2.SamplingParams, resumed: list[int] = ()) -> tuple[list[int], int]:
         request = common_pb2.TokenRequest(prompt_token_ids=prompt, sampling=sampling, resume_token_ids=resumed)
-        chunks = list(worker.Generate(request, timeout=60))
+        chunks = generate_on_worker(worker, request)
         return [t for chunk in chunks for t in chunk.token_ids], chunks[-1].finish_reason
 
     sampling = common_pb2.SamplingParams(max_tokens=24, ignore_eos=True)

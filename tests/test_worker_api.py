@@ -7,8 +7,9 @@ import threading
 import grpc
 import pytest
 
-from meshserve.common.errors import bad_request_fields
+from meshserve.common.errors import MeshError, bad_request_fields
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from worker_client import generate_on_worker
 
 
 def test_logprobs_and_top_alternatives_reach_the_caller(mesh):
@@ -58,24 +59,34 @@ def test_bad_sampling_fields_are_invalid_argument(mesh, sampling, field):
     assert field in bad_request_fields(caught.value)
 
 
-def test_watch_load_streams_reports_while_work_runs(mesh):
+def test_a_router_s_stream_carries_the_worker_s_load_while_work_runs(mesh):
     worker = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
     inference = inference_pb2_grpc.InferenceStub(mesh.channel(mesh.gateway))
     reports: list[worker_pb2.LoadReport] = []
-    watch = worker.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=10), timeout=60)
+    done = threading.Event()
+
+    def commands():  # a router that submits nothing: it only listens to the load
+        done.wait(60)
+        yield from ()
+
+    link = worker.Connect(commands(), timeout=60)
 
     def generate() -> None:
         sampling = common_pb2.SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
         inference.Generate(inference_pb2.GenerateRequest(prompt="hello", sampling=sampling, n=3), timeout=60)
 
     thread = threading.Thread(target=generate)
-    for report in watch:
-        reports.append(report)
-        if len(reports) == 1:
-            thread.start()
-        if (not thread.is_alive() and report.running_sequences == 0) or len(reports) > 500:
-            break
-    watch.cancel()
+    try:
+        for event in link:
+            assert not event.outputs  # other routers' sequences never show on this stream
+            reports.append(event.load)
+            if len(reports) == 1:
+                thread.start()
+            if (not thread.is_alive() and event.load.running_sequences == 0) or len(reports) > 500:
+                break
+    finally:
+        done.set()
+        link.cancel()
     thread.join(60)
     first = reports[0]
     assert first.total_kv_blocks > 0 and first.kv_block_size == 16 and first.max_num_seqs == 8
@@ -85,13 +96,6 @@ def test_watch_load_streams_reports_while_work_runs(mesh):
     assert reports[-1].generated_tokens >= first.generated_tokens + 180
     assert max(r.tokens_per_second for r in reports) > 0
     assert not any(r.draining for r in reports)
-
-
-def test_watch_load_rejects_a_too_short_interval(mesh):
-    worker = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
-    with pytest.raises(grpc.RpcError) as caught:
-        next(iter(worker.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=1), timeout=10)))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
@@ -110,34 +114,35 @@ def small_worker(loop_thread):
 def test_prompt_beyond_the_kv_pool_is_resource_exhausted(small_worker):
     from meshserve.common.channels import sync_channel
 
-    stub = worker_pb2_grpc.WorkerStub(sync_channel(small_worker.address))
+    channel = sync_channel(small_worker.address)
+    stub = worker_pb2_grpc.WorkerStub(channel)
     load = stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)
     capacity = load.total_kv_blocks * load.kv_block_size
     assert capacity == 256
     too_long = common_pb2.TokenRequest(
         prompt_token_ids=[5] * 250, sampling=common_pb2.SamplingParams(max_tokens=10, temperature=0.0)
     )
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.Generate(too_long, timeout=10))
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "256" in caught.value.details() and "--kv-cache-memory" in caught.value.details()
+    with pytest.raises(MeshError) as caught:
+        generate_on_worker(channel, too_long, timeout=10)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "256" in caught.value.message and "--kv-cache-memory" in caught.value.message
     fits = common_pb2.TokenRequest(
         prompt_token_ids=[5] * 240, sampling=common_pb2.SamplingParams(max_tokens=16, temperature=0.0)
     )
-    chunks = list(stub.Generate(fits, timeout=60))
+    chunks = generate_on_worker(channel, fits)
     assert chunks[-1].finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_a_resumed_sequence_continues_exactly_where_it_stopped(mesh, temperature):
     """Failover support: prompt + the tokens already sent, and the worker goes on with the same tokens."""
-    stub = worker_pb2_grpc.WorkerStub(mesh.channel(mesh.worker))
+    channel = mesh.channel(mesh.worker)
     sampling = common_pb2.SamplingParams(max_tokens=20, temperature=temperature, seed=11, ignore_eos=True)
     sampling.repetition_penalty = 1.3  # penalties see the resumed tokens as output
     request = common_pb2.TokenRequest(prompt_token_ids=[5, 6, 7, 8, 9], sampling=sampling)
-    full = [t for chunk in stub.Generate(request, timeout=60) for t in chunk.token_ids]
+    full = [t for chunk in generate_on_worker(channel, request) for t in chunk.token_ids]
     assert len(full) == 20
     resumed = common_pb2.TokenRequest(prompt_token_ids=[5, 6, 7, 8, 9], sampling=sampling, resume_token_ids=full[:8])
-    chunks = list(stub.Generate(resumed, timeout=60))
+    chunks = generate_on_worker(channel, resumed)
     assert [t for chunk in chunks for t in chunk.token_ids] == full[8:]
     assert chunks[-1].usage.completion_tokens == 20

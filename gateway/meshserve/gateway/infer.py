@@ -22,10 +22,11 @@ from meshserve.common.metrics import new_registry
 from meshserve.common.models import ModelCatalog
 from meshserve.common.usage import outputs_usage
 from meshserve.gateway.auth import KeyStore, Tenant
+from meshserve.gateway.mesh_client import MeshClient
 from meshserve.gateway.metrics import GatewayMetrics, RequestObserver
 from meshserve.gateway.rate_limit import RateLimiter, Reservation
 from meshserve.gateway.validation import ValidatedRequest, validate
-from meshserve.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2, inference_pb2, router_pb2_grpc
+from meshserve.v1 import common_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,14 @@ class Infer:
         self,
         config: GatewayConfig,
         catalog: ModelCatalog,
-        router: router_pb2_grpc.RouterStub,
-        aggregator: aggregator_pb2_grpc.AggregatorStub,
+        mesh: MeshClient,
         keys: KeyStore | None = None,
         limits: RateLimiter | None = None,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         self.catalog = catalog
-        self.router = router
-        self.aggregator = aggregator
+        self.mesh = mesh
         self.keys = keys or KeyStore()
         self.limits = limits or RateLimiter()
         self.metrics = GatewayMetrics(metrics_registry or new_registry())
@@ -115,32 +114,19 @@ class Infer:
     async def _stream(
         self, validated: ValidatedRequest, timeout: float | None, observer: RequestObserver | None
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        request_id = validated.token_request.request_id
         finished: list[common_pb2.Usage] = []
-        total: common_pb2.Usage | None = None  # a fan-out's, counted by the aggregator
+        final = False  # a fan-out ends with its own, with the usage the aggregator counted
         async for message in self._mesh_stream(validated, timeout, observer):
-            if message.final:
-                total = message.usage
-                continue
-            chunk = message.chunk
-            if chunk.finish_reason:
-                finished.append(chunk.usage)
-            response = inference_pb2.GenerateStreamResponse(
-                request_id=request_id,
-                index=chunk.index,
-                token_ids=chunk.token_ids,
-                text=chunk.text,
-                finish_reason=chunk.finish_reason,
-                usage=chunk.usage if chunk.finish_reason else None,
-                logprobs=chunk.logprobs,
-                error=message.error if message.HasField("error") else None,
-            )
-            if message.HasField("mean_logprob"):
-                response.mean_logprob = message.mean_logprob
-            yield response
+            final = final or message.final
+            if message.finish_reason:
+                finished.append(message.usage)
+            yield message
+        if final:
+            return
         prompt_tokens = len(validated.token_request.prompt_token_ids)
-        usage = total if total is not None else outputs_usage(prompt_tokens, finished)
-        yield inference_pb2.GenerateStreamResponse(request_id=request_id, usage=usage, final=True)
+        yield inference_pb2.GenerateStreamResponse(
+            request_id=validated.token_request.request_id, usage=outputs_usage(prompt_tokens, finished), final=True
+        )
 
     async def _complete(
         self, validated: ValidatedRequest, timeout: float | None, observer: RequestObserver | None
@@ -153,18 +139,17 @@ class Infer:
             if message.final:
                 total = message.usage
                 continue
-            chunk = message.chunk
-            completion = completions.setdefault(chunk.index, inference_pb2.Completion(index=chunk.index))
-            completion.token_ids.extend(chunk.token_ids)
-            completion.logprobs.extend(chunk.logprobs)
-            texts.setdefault(chunk.index, []).append(chunk.text)
+            completion = completions.setdefault(message.index, inference_pb2.Completion(index=message.index))
+            completion.token_ids.extend(message.token_ids)
+            completion.logprobs.extend(message.logprobs)
+            texts.setdefault(message.index, []).append(message.text)
             if message.HasField("error"):
                 completion.errors.append(message.error)
             if message.HasField("mean_logprob"):
                 completion.mean_logprob = message.mean_logprob
-            if chunk.finish_reason:
-                completion.finish_reason = chunk.finish_reason
-                completion.usage.CopyFrom(chunk.usage)
+            if message.finish_reason:
+                completion.finish_reason = message.finish_reason
+                completion.usage.CopyFrom(message.usage)
         ordered = [completions[index] for index in sorted(completions)]
         for completion in ordered:
             completion.text = "".join(texts[completion.index])
@@ -189,21 +174,21 @@ class Infer:
 
     async def _mesh_stream(
         self, validated: ValidatedRequest, timeout: float | None, observer: RequestObserver | None
-    ) -> AsyncIterator[aggregator_pb2.FanOutChunk]:
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         """A single output goes to the router; a fan-out to the aggregator, which sends its sub-requests through
-        the router. Either way the messages come as the aggregator's (a router chunk wrapped)."""
+        the router. Either way the messages come as the public ones (mesh_client), given the request id here."""
+        request_id = validated.token_request.request_id
         with observer.calling() if observer is not None else contextlib.nullcontext():
             if validated.fan_out is None:
-                call = self.router.Generate(validated.token_request, timeout=timeout)
+                call = self.mesh.generate(validated.token_request, timeout)
             else:
                 # The parent as admitted (tenant, priority), which may differ from what validation saw.
                 validated.fan_out.request.CopyFrom(validated.token_request)
-                call = self.aggregator.Generate(validated.fan_out, timeout=timeout)
+                call = self.mesh.fan_out(validated.fan_out, timeout)
         async for message in relay(call):
-            if validated.fan_out is None:
-                message = aggregator_pb2.FanOutChunk(chunk=message)
+            message.request_id = request_id
             if observer is not None and not message.final:
-                observer.tokens(message.chunk.index, len(message.chunk.token_ids), message.chunk.finish_reason)
+                observer.tokens(message.index, len(message.token_ids), message.finish_reason)
             yield message
 
 

@@ -26,24 +26,29 @@ from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.gateway.auth import KeyStore, is_loopback
 from meshserve.gateway.http_server import HttpServer, start_http
 from meshserve.gateway.infer import Infer
+from meshserve.gateway.mesh_client import MeshClient
 from meshserve.gateway.metrics import operation_name
 from meshserve.gateway.rate_limit import RateLimiter
-from meshserve.v1 import aggregator_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, router_pb2_grpc
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
-class InferenceServicer(Infer, inference_pb2_grpc.InferenceServicer):
-    """The gRPC methods: credentials from metadata, then the calls the HTTP API makes too."""
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """The gRPC methods: credentials from metadata, then the request path the HTTP API takes too."""
+
+    def __init__(self, core: Infer) -> None:
+        self.core = core
 
     @grpc_errors
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         request = _parsed(request)
-        with self.metrics.observe("grpc", operation_name(request)) as observer:
-            admission = await self.admit(request, self.authenticate(_authorization(context)), observer)
-            async for response in self.stream(admission, context.time_remaining()):
+        core = self.core
+        with core.metrics.observe("grpc", operation_name(request)) as observer:
+            admission = await core.admit(request, core.authenticate(_authorization(context)), observer)
+            async for response in core.stream(admission, context.time_remaining()):
                 yield response
 
     @grpc_errors
@@ -51,16 +56,17 @@ class InferenceServicer(Infer, inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
         request = _parsed(request)
-        with self.metrics.observe("grpc", operation_name(request)) as observer:
-            admission = await self.admit(request, self.authenticate(_authorization(context)), observer)
-            return await self.complete(admission, context.time_remaining())
+        core = self.core
+        with core.metrics.observe("grpc", operation_name(request)) as observer:
+            admission = await core.admit(request, core.authenticate(_authorization(context)), observer)
+            return await core.complete(admission, context.time_remaining())
 
     @grpc_errors
     async def ListModels(
         self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ListModelsResponse:
-        self.authenticate(_authorization(context))
-        return common_pb2.ListModelsResponse(models=await self.list_models(_parsed(request).names_only))
+        self.core.authenticate(_authorization(context))
+        return common_pb2.ListModelsResponse(models=await self.core.list_models(_parsed(request).names_only))
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -148,12 +154,11 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     keys = key_store(config)
     router_channel = aio_channel(config.router)
     aggregator_channel = aio_channel(config.aggregator)
-    router = router_pb2_grpc.RouterStub(router_channel)
-    catalog = ModelCatalog(router)
+    mesh = MeshClient(router_channel, aggregator_channel)
+    catalog = ModelCatalog(mesh.router)
     registry = new_registry()
-    servicer = InferenceServicer(
-        config, catalog, router, aggregator_pb2_grpc.AggregatorStub(aggregator_channel), keys, RateLimiter(), registry
-    )
+    core = Infer(config, catalog, mesh, keys, RateLimiter(), registry)
+    servicer = InferenceServicer(core)
     running = await start_server(
         config.host,
         config.port,
@@ -186,7 +191,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
 
     running.on_stop.append(stop_background)
     try:
-        http = await start_http(servicer, config) if config.http_port >= 0 else None
+        http = await start_http(core, config) if config.http_port >= 0 else None
     except BaseException:
         await running.stop(0)
         raise

@@ -13,20 +13,18 @@ import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import grpc
 from google.rpc import error_details_pb2
 
 from meshserve.aggregator.mapreduce import MapReducePlan
 from meshserve.aggregator.merge import merge_streams
 from meshserve.aggregator.plan import Group, candidate_requests
 from meshserve.aggregator.ranking import Candidate, choose
-from meshserve.common.errors import MeshError
+from meshserve.common.errors import STATUS_BY_NUMBER, MeshError
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.common.usage import token_usage
-from meshserve.v1 import aggregator_pb2, common_pb2
+from meshserve.v1 import common_pb2
 
-RunSubRequest = Callable[[common_pb2.TokenRequest], AsyncIterator[common_pb2.TokenChunk]]
-STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+RunSubRequest = Callable[[common_pb2.TokenRequest], AsyncIterator[common_pb2.StreamChunk]]
 
 
 @dataclass
@@ -69,18 +67,18 @@ class FanOut:
     def is_held(self, n: int, best_of: int) -> bool:
         return best_of > n or self.dedupe or self.order_by_score
 
-    async def run(self, groups: list[Group], labels: list[str]) -> AsyncIterator[aggregator_pb2.FanOutChunk]:
+    async def run(self, groups: list[Group], labels: list[str]) -> AsyncIterator[common_pb2.StreamChunk]:
         """Every group's outputs, merged, then the final message."""
         async for message in self.run_groups(groups, labels, tag=""):
             yield message
         yield self.final()
 
-    def final(self) -> aggregator_pb2.FanOutChunk:
-        return aggregator_pb2.FanOutChunk(final=True, usage=self.totals.usage())
+    def final(self) -> common_pb2.StreamChunk:
+        return common_pb2.StreamChunk(final=True, usage=self.totals.usage())
 
     async def run_groups(
         self, groups: list[Group], labels: list[str], tag: str
-    ) -> AsyncIterator[aggregator_pb2.FanOutChunk]:
+    ) -> AsyncIterator[common_pb2.StreamChunk]:
         states: list[_GroupState] = []
         owners: list[tuple[_GroupState, int]] = []  # sub-request position -> (its group, candidate number)
         requests: list[common_pb2.TokenRequest] = []
@@ -108,7 +106,7 @@ class FanOut:
                     candidate.token_ids.extend(item.token_ids)  # counted for usage should it fail later
                     if item.finish_reason:
                         candidate.finish_reason, candidate.usage = item.finish_reason, item.usage
-                    yield aggregator_pb2.FanOutChunk(chunk=item)
+                    yield item
                 if item.finish_reason:
                     self.totals.completion_tokens += item.usage.completion_tokens
                     state.cached_prompt_tokens = max(state.cached_prompt_tokens, item.usage.cached_prompt_tokens)
@@ -120,7 +118,7 @@ class FanOut:
 
     async def _sub_stream(
         self, position: int, request: common_pb2.TokenRequest, owner: tuple[_GroupState, int]
-    ) -> AsyncIterator[tuple[int, common_pb2.TokenChunk | MeshError]]:
+    ) -> AsyncIterator[tuple[int, common_pb2.StreamChunk | MeshError]]:
         """One sub-request's chunks tagged with its position; its failure relabelled with the input it served."""
         try:
             async for chunk in self.run_sub_request(request):
@@ -132,7 +130,7 @@ class FanOut:
                 raise error from exc
             yield position, error
 
-    def _failed(self, state: _GroupState, candidate: Candidate) -> list[aggregator_pb2.FanOutChunk]:
+    def _failed(self, state: _GroupState, candidate: Candidate) -> list[common_pb2.StreamChunk]:
         group = state.group
         if not group.held:
             return [self._error_message(group, group.first_index + candidate.number, candidate)]
@@ -144,7 +142,7 @@ class FanOut:
     def is_ranking(self, group: Group) -> bool:
         return group.best_of > group.n or self.order_by_score
 
-    def _decided(self, state: _GroupState, finished: Candidate) -> list[aggregator_pb2.FanOutChunk]:
+    def _decided(self, state: _GroupState, finished: Candidate) -> list[common_pb2.StreamChunk]:
         """Held outputs that can be sent now that `finished` ended: all of a ranked group once every candidate
         has ended; with dedupe alone, this candidate at once unless it repeats one already sent."""
         group = state.group
@@ -164,10 +162,9 @@ class FanOut:
             messages.append(self._error_message(group, group.first_index + j, candidate))
         return messages
 
-    def _held_message(self, group: Group, index: int, candidate: Candidate) -> aggregator_pb2.FanOutChunk:
+    def _held_message(self, group: Group, index: int, candidate: Candidate) -> common_pb2.StreamChunk:
         assert candidate.usage is not None
-        chunk = common_pb2.TokenChunk(
-            request_id=self.parent.request_id,
+        message = common_pb2.StreamChunk(
             index=index,
             token_ids=candidate.token_ids,
             text=candidate.text,
@@ -175,21 +172,18 @@ class FanOut:
             usage=candidate.usage,
             logprobs=candidate.logprobs if group.sampling.logprobs else (),
         )
-        message = aggregator_pb2.FanOutChunk(chunk=chunk)
         if math.isfinite(candidate.mean_logprob):
             message.mean_logprob = candidate.mean_logprob
         return message
 
-    def _error_message(self, group: Group, index: int, candidate: Candidate) -> aggregator_pb2.FanOutChunk:
+    def _error_message(self, group: Group, index: int, candidate: Candidate) -> common_pb2.StreamChunk:
         assert candidate.error is not None
-        chunk = common_pb2.TokenChunk(
-            request_id=self.parent.request_id,
+        return common_pb2.StreamChunk(
             index=index,
             finish_reason=common_pb2.FINISH_REASON_ERROR,
             usage=token_usage(len(group.prompt_token_ids), len(candidate.token_ids)),
+            error=candidate.error.error_status(),
         )
-        error = common_pb2.ErrorStatus(code=candidate.error.code.value[0], message=candidate.error.message)
-        return aggregator_pb2.FanOutChunk(chunk=chunk, error=error)
 
     async def map_reduce(
         self,
@@ -198,7 +192,7 @@ class FanOut:
         reduce_sampling: common_pb2.SamplingParams,
         n: int,
         best_of: int,
-    ) -> AsyncIterator[aggregator_pb2.FanOutChunk]:
+    ) -> AsyncIterator[common_pb2.StreamChunk]:
         """Every chunk's map call at once; then the reduce over their outputs, streamed as index 0 (.. n - 1)."""
         count = len(plan.chunks)
         groups = [
@@ -208,18 +202,18 @@ class FanOut:
         outputs: list[list[str] | None] = [[] for _ in groups]
         failures: list[common_pb2.ErrorStatus] = []
         async for message in self.run_groups(groups, labels, tag="map"):
-            chunk_number = message.chunk.index
+            chunk_number = message.index
             if message.HasField("error"):
                 outputs[chunk_number] = None
                 error = common_pb2.ErrorStatus()
                 error.CopyFrom(message.error)
                 error.map_chunk = chunk_number
                 failures.append(error)
-                yield aggregator_pb2.FanOutChunk(chunk=common_pb2.TokenChunk(index=0), error=error)
+                yield common_pb2.StreamChunk(index=0, error=error)
             else:
                 texts = outputs[chunk_number]
                 assert texts is not None
-                texts.append(message.chunk.text)
+                texts.append(message.text)
         mapped = ["".join(texts) for texts in outputs if texts is not None]
         if not mapped:
             first = failures[0]

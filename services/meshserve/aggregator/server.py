@@ -53,7 +53,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     @grpc_errors
     async def Generate(
         self, request: aggregator_pb2.FanOutRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[aggregator_pb2.FanOutChunk]:
+    ) -> AsyncIterator[common_pb2.StreamChunk]:
         parent = request.request
         current_request_id.set(parent.request_id)
         n = request.n or 1
@@ -88,7 +88,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
     def _samples_or_batch(
         self, request: aggregator_pb2.FanOutRequest, fan_out: FanOut, n: int, best_of: int
-    ) -> tuple[int, AsyncIterator[aggregator_pb2.FanOutChunk]]:
+    ) -> tuple[int, AsyncIterator[common_pb2.StreamChunk]]:
         """One group per input (the parent's prompt, or each of a batch), best_of candidates each."""
         parent = request.request
         held = fan_out.is_held(n, best_of)
@@ -122,7 +122,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         fan_out: FanOut,
         n: int,
         best_of: int,
-    ) -> tuple[int, AsyncIterator[aggregator_pb2.FanOutChunk]]:
+    ) -> tuple[int, AsyncIterator[common_pb2.StreamChunk]]:
         await self.catalog.refresh_if_unknown(parent.model)
         model = self.catalog.resolve(parent.model)
         reduce_sampling = common_pb2.SamplingParams()
@@ -145,7 +145,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         return width, fan_out.map_reduce(plan, model.tokenizer, reduce_sampling, n, best_of)
 
     def _sub_request_runner(self, context: grpc.aio.ServicerContext) -> RunSubRequest:
-        async def run(sub: common_pb2.TokenRequest) -> AsyncIterator[common_pb2.TokenChunk]:
+        async def run(sub: common_pb2.TokenRequest) -> AsyncIterator[common_pb2.StreamChunk]:
             span = tracer.start_span(
                 "aggregator.sub_request",
                 attributes={"meshserve.request_id": sub.request_id, "meshserve.index": sub.index},

@@ -18,6 +18,8 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from meshserve.v1 import common_pb2
+
 log = logging.getLogger(__name__)
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -33,12 +35,28 @@ class MeshError(Exception):
         self.details = list(details)
 
     def status_details_bin(self) -> bytes:
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
-        for detail in self.details:
-            packed = any_pb2.Any()
-            packed.Pack(detail)
-            status.details.append(packed)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=self._packed_details())
         return status.SerializeToString()
+
+    def error_status(self) -> common_pb2.ErrorStatus:
+        """As it travels inside a stream message (one sequence of a shared stream, one index of a fan-out)."""
+        return common_pb2.ErrorStatus(code=self.code.value[0], message=self.message, details=self._packed_details())
+
+    @classmethod
+    def of_status(cls, status: common_pb2.ErrorStatus) -> MeshError:
+        details = [d for d in (_unpack(packed) for packed in status.details) if d is not None]
+        return cls(STATUS_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN), status.message, details)
+
+    def _packed_details(self) -> list[any_pb2.Any]:
+        packed = []
+        for detail in self.details:
+            one = any_pb2.Any()
+            one.Pack(detail)
+            packed.append(one)
+        return packed
+
+
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 MAX_REPORTED_VIOLATIONS = 16

@@ -1,8 +1,9 @@
 """OpenTelemetry tracing shared by every service: setup from OTEL_* variables, gRPC interceptors, GenAI names.
 
 W3C trace context crosses every gRPC hop through the interceptors that `start_server` and `aio_channel`
-install, so one request is one trace from the gateway to the worker. Long-lived streams (load reports,
-health checks, reflection) are left out: a trace per request, not per heartbeat.
+install, so one request is one trace from the gateway to the worker. Long-lived streams (a router's shared
+stream to a worker, health checks, reflection) are left out: a trace per request, not per connection; the
+shared stream carries each sequence's trace context inside its submission instead.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_SYSTEM_NAME = "meshserve"
 
-# Untraced: streams that live as long as a connection (load reports), probes and reflection.
+# Untraced: streams that live as long as a connection (a router's stream to a worker), probes and reflection.
 _UNTRACED = filters.negate(
     filters.any_of(
-        filters.method_name("WatchLoad"),
+        filters.method_name("Connect"),
         filters.health_check(),
         filters.service_prefix("grpc.reflection"),
     )

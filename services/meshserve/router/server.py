@@ -1,4 +1,5 @@
-"""The router's gRPC service: queues each tokenised request, runs it on a worker, relays and resumes its stream."""
+"""The router's gRPC service: queues each tokenised request, runs it on a worker's shared stream, relays and resumes
+its outputs."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     @grpc_errors
     async def Generate(
         self, request: common_pb2.TokenRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[common_pb2.TokenChunk]:
+    ) -> AsyncIterator[common_pb2.StreamChunk]:
         """Queues the request, runs it on a worker, and resumes it on another if that worker fails."""
         current_request_id.set(request.request_id)
         outcome: BaseException | None = None
@@ -59,7 +60,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def _generate(
         self, request: common_pb2.TokenRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[common_pb2.TokenChunk]:
+    ) -> AsyncIterator[common_pb2.StreamChunk]:
         if request.priority not in common_pb2.Priority.values():
             raise invalid_argument([("priority", f"unknown priority {request.priority}")])
         pending = Pending.of(request)
@@ -83,18 +84,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     "meshserve.router.resumed_tokens": len(sent),
                 },
             )
-            with trace.use_span(span, end_on_exit=False):
-                # The caller's deadline bounds the worker's call; cancelling ours cancels it.
-                call = worker.stub.Generate(attempt, timeout=context.time_remaining())
+            stream = None
             try:
-                async for chunk in call:
+                if worker.link is None:
+                    raise MeshError(grpc.StatusCode.UNAVAILABLE, "the stream to the worker is not open")
+                with trace.use_span(span, end_on_exit=False):
+                    # The caller's deadline goes with the sequence; its trace context too, under this span.
+                    stream = worker.link.submit(attempt, context.time_remaining())
+                while True:
+                    chunk = await stream.next()
                     sent.extend(chunk.token_ids)
                     yield chunk
-                span.set_attribute("meshserve.router.tokens_relayed", len(sent))
-                return
-            except grpc.aio.AioRpcError as exc:
-                span.set_status(Status(StatusCode.ERROR, f"{exc.code().name}: {exc.details()}"))
-                if exc.code() not in FAILOVER_CODES:
+                    if chunk.finish_reason:
+                        span.set_attribute("meshserve.router.tokens_relayed", len(sent))
+                        return
+            except MeshError as exc:
+                span.set_status(Status(StatusCode.ERROR, f"{exc.code.name}: {exc.message}"))
+                if exc.code not in FAILOVER_CODES:
                     raise
                 self.pool.mark_down(worker)
                 failovers += 1
@@ -102,19 +108,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 if failovers > self.max_failovers:
                     raise MeshError(
                         grpc.StatusCode.UNAVAILABLE,
-                        f"gave up after {failovers} workers failed ({exc.code().name}: {exc.details()}); "
-                        f"{len(sent)} tokens were sent; retry",
+                        f"gave up after {failovers} workers failed ({exc.message}); {len(sent)} tokens were sent; "
+                        "retry",
                     ) from exc
                 self.dispatcher.failovers += 1
                 log.warning(
-                    "worker %s failed (%s) after %d tokens; resuming on another",
-                    worker.address,
-                    exc.code().name,
-                    len(sent),
+                    "worker %s failed (%s) after %d tokens; resuming on another", worker.address, exc, len(sent)
                 )
                 pending = dataclasses.replace(pending, assigned=asyncio.get_running_loop().create_future())
             finally:
-                call.cancel()
+                if stream is not None:
+                    stream.close()
                 self.dispatcher.release(worker)
                 span.end()
                 if request.parent_id:

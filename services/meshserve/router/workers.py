@@ -1,4 +1,4 @@
-"""The router's view of its workers: live load from each worker's WatchLoad stream, room, choice, affinity."""
+"""The router's view of its workers: one stream to each (router/link.py) with its live load; room, choice, affinity."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import grpc
 
 from meshserve.common.channels import aio_channel
 from meshserve.router.discovery import Source
+from meshserve.router.link import WorkerLink
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL_MS = 20
 RECONNECT_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 AFFINITY_PREFIX_TOKENS = 64  # the leading tokens that key prefix affinity (four 16-token blocks)
 AFFINITY_ENTRIES = 10_000
@@ -34,7 +34,9 @@ class WorkerEndpoint:
     last_picked: int = 0
     model: common_pb2.ModelInfo | None = field(default=None, repr=False)
     load: worker_pb2.LoadReport | None = field(default=None, repr=False)
-    # Its load stream is connected. A failed call marks it down until the stream reconnects.
+    # The stream its sequences and load reports travel on; replaced when it reconnects.
+    link: WorkerLink | None = field(default=None, repr=False)
+    # Its stream is open and has reported load.
     connected: bool = False
     # Discovery no longer lists it: no new work; it leaves the pool once idle.
     removed: bool = False
@@ -107,16 +109,20 @@ class WorkerPool:
         self.on_change()
 
     async def _watch(self, worker: WorkerEndpoint) -> None:
-        """Keeps worker.load current; marks the worker down while its stream is broken."""
+        """Keeps a stream open to the worker (its load current through it); down while it is broken."""
         failures = 0
         while True:
             try:
                 if worker.model is None:
                     worker.model = await worker.stub.DescribeModel(worker_pb2.DescribeModelRequest(), timeout=5)
-                stream = worker.stub.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=WATCH_INTERVAL_MS))
-                async for report in stream:
+
+                def on_load(report: worker_pb2.LoadReport) -> None:
+                    nonlocal failures
                     worker.load, worker.connected, failures = report, True, 0
                     self.on_change()
+
+                worker.link = WorkerLink(worker.stub, on_load)
+                await worker.link.run()
             except grpc.aio.AioRpcError as exc:
                 if worker.connected:
                     log.warning("worker %s is down: %s", worker.address, exc.details() or exc.code().name)
@@ -126,7 +132,7 @@ class WorkerPool:
             failures += 1
 
     def mark_down(self, worker: WorkerEndpoint) -> None:
-        """A call to it failed: no new work until its load stream reconnects."""
+        """Its stream broke: no new work until it reconnects and reports load."""
         worker.connected = False
         self.on_change()
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmeshserve/v1/aggregator.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\"\x91\x02\n\rFanOutRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.meshserve.v1.TokenRequest\x12\t\n\x01n\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x03 \x01(\r\x12)\n\x06inputs\x18\x04 \x03(\x0b\x32\x19.meshserve.v1.FanOutInput\x12/\n\nmap_reduce\x18\x05 \x01(\x0b\x32\x1b.meshserve.v1.MapReduceTask\x12\x0e\n\x06\x64\x65\x64upe\x18\x06 \x01(\x08\x12\x16\n\x0eorder_by_score\x18\x07 \x01(\x08\x12\x33\n\x0e\x66\x61ilure_policy\x18\x08 \x01(\x0e\x32\x1b.meshserve.v1.FailurePolicy\"W\n\x0b\x46\x61nOutInput\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\"\x96\x01\n\rMapReduceTask\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x0cmap_template\x18\x02 \x01(\t\x12\x17\n\x0freduce_template\x18\x03 \x01(\t\x12\x14\n\x0c\x63hunk_tokens\x18\x04 \x01(\r\x12\x32\n\x0cmap_sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\"\xbf\x01\n\x0b\x46\x61nOutChunk\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.meshserve.v1.TokenChunk\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.meshserve.v1.ErrorStatus\x12\x19\n\x0cmean_logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.UsageB\x0f\n\r_mean_logprob2R\n\nAggregator\x12\x44\n\x08Generate\x12\x1b.meshserve.v1.FanOutRequest\x1a\x19.meshserve.v1.FanOutChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmeshserve/v1/aggregator.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\"\x91\x02\n\rFanOutRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.meshserve.v1.TokenRequest\x12\t\n\x01n\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x03 \x01(\r\x12)\n\x06inputs\x18\x04 \x03(\x0b\x32\x19.meshserve.v1.FanOutInput\x12/\n\nmap_reduce\x18\x05 \x01(\x0b\x32\x1b.meshserve.v1.MapReduceTask\x12\x0e\n\x06\x64\x65\x64upe\x18\x06 \x01(\x08\x12\x16\n\x0eorder_by_score\x18\x07 \x01(\x08\x12\x33\n\x0e\x66\x61ilure_policy\x18\x08 \x01(\x0e\x32\x1b.meshserve.v1.FailurePolicy\"W\n\x0b\x46\x61nOutInput\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\"\x96\x01\n\rMapReduceTask\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x0cmap_template\x18\x02 \x01(\t\x12\x17\n\x0freduce_template\x18\x03 \x01(\t\x12\x14\n\x0c\x63hunk_tokens\x18\x04 \x01(\r\x12\x32\n\x0cmap_sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams2R\n\nAggregator\x12\x44\n\x08Generate\x12\x1b.meshserve.v1.FanOutRequest\x1a\x19.meshserve.v1.StreamChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FANOUTINPUT']._serialized_end=437
   _globals['_MAPREDUCETASK']._serialized_start=440
   _globals['_MAPREDUCETASK']._serialized_end=590
-  _globals['_FANOUTCHUNK']._serialized_start=593
-  _globals['_FANOUTCHUNK']._serialized_end=784
-  _globals['_AGGREGATOR']._serialized_start=786
-  _globals['_AGGREGATOR']._serialized_end=868
+  _globals['_AGGREGATOR']._serialized_start=592
+  _globals['_AGGREGATOR']._serialized_end=674
 # @@protoc_insertion_point(module_scope)

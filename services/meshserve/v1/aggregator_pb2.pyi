@@ -48,17 +48,3 @@ class MapReduceTask(_message.Message):
     chunk_tokens: int
     map_sampling: _common_pb2.SamplingParams
     def __init__(self, text: _Optional[str] = ..., map_template: _Optional[str] = ..., reduce_template: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., map_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
-
-class FanOutChunk(_message.Message):
-    __slots__ = ("chunk", "error", "mean_logprob", "final", "usage")
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    MEAN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
-    FINAL_FIELD_NUMBER: _ClassVar[int]
-    USAGE_FIELD_NUMBER: _ClassVar[int]
-    chunk: _common_pb2.TokenChunk
-    error: _common_pb2.ErrorStatus
-    mean_logprob: float
-    final: bool
-    usage: _common_pb2.Usage
-    def __init__(self, chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ErrorStatus, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., final: _Optional[bool] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from meshserve.v1 import aggregator_pb2 as meshserve_dot_v1_dot_aggregator__pb2
+from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -37,7 +38,7 @@ class AggregatorStub:
         self.Generate = channel.unary_stream(
                 '/meshserve.v1.Aggregator/Generate',
                 request_serializer=meshserve_dot_v1_dot_aggregator__pb2.FanOutRequest.SerializeToString,
-                response_deserializer=meshserve_dot_v1_dot_aggregator__pb2.FanOutChunk.FromString,
+                response_deserializer=meshserve_dot_v1_dot_common__pb2.StreamChunk.FromString,
                 _registered_method=True)
 
 
@@ -47,7 +48,7 @@ class AggregatorServicer:
     def Generate(self, request, context):
         """Runs every sub-request of the fan-out as its own router call (priority, tenant and
         request id of the parent; the call's deadline and cancellation reach them all) and
-        streams the outputs as they come, each tagged with its index, then a final message.
+        streams the outputs as they come, each tagged with its index, then a message with `final` set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -59,7 +60,7 @@ def add_AggregatorServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=meshserve_dot_v1_dot_aggregator__pb2.FanOutRequest.FromString,
-                    response_serializer=meshserve_dot_v1_dot_aggregator__pb2.FanOutChunk.SerializeToString,
+                    response_serializer=meshserve_dot_v1_dot_common__pb2.StreamChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,7 +89,7 @@ class Aggregator:
             target,
             '/meshserve.v1.Aggregator/Generate',
             meshserve_dot_v1_dot_aggregator__pb2.FanOutRequest.SerializeToString,
-            meshserve_dot_v1_dot_aggregator__pb2.FanOutChunk.FromString,
+            meshserve_dot_v1_dot_common__pb2.StreamChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,7 +38,7 @@ class RouterStub:
         self.Generate = channel.unary_stream(
                 '/meshserve.v1.Router/Generate',
                 request_serializer=meshserve_dot_v1_dot_common__pb2.TokenRequest.SerializeToString,
-                response_deserializer=meshserve_dot_v1_dot_common__pb2.TokenChunk.FromString,
+                response_deserializer=meshserve_dot_v1_dot_common__pb2.StreamChunk.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/meshserve.v1.Router/ListModels',
@@ -56,8 +56,8 @@ class RouterServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Runs one sequence on a worker and relays its chunks. Honours the call's deadline
-        and cancellation, which reach the worker.
+        """Runs one sequence on a worker and relays its chunks (each carries every token that was ready).
+        Honours the call's deadline and cancellation, which reach the worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,7 +83,7 @@ def add_RouterServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=meshserve_dot_v1_dot_common__pb2.TokenRequest.FromString,
-                    response_serializer=meshserve_dot_v1_dot_common__pb2.TokenChunk.SerializeToString,
+                    response_serializer=meshserve_dot_v1_dot_common__pb2.StreamChunk.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -122,7 +122,7 @@ class Router:
             target,
             '/meshserve.v1.Router/Generate',
             meshserve_dot_v1_dot_common__pb2.TokenRequest.SerializeToString,
-            meshserve_dot_v1_dot_common__pb2.TokenChunk.FromString,
+            meshserve_dot_v1_dot_common__pb2.StreamChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,21 +25,33 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/worker.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\"\x16\n\x14\x44\x65scribeModelRequest\"\x10\n\x0eGetLoadRequest\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\x91\x03\n\nLoadReport\x12\x19\n\x11running_sequences\x18\x01 \x01(\r\x12\x19\n\x11waiting_sequences\x18\x02 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x03 \x01(\r\x12\x1a\n\x12sequences_finished\x18\x04 \x01(\x04\x12\x1b\n\x13sequences_cancelled\x18\x05 \x01(\x04\x12\x18\n\x10generated_tokens\x18\x06 \x01(\x04\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x08 \x01(\r\x12\x15\n\rkv_block_size\x18\t \x01(\r\x12\x19\n\x11tokens_per_second\x18\n \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0b \x01(\x02\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\r\x12\x1b\n\x13waiting_by_priority\x18\x0f \x03(\r2\xa6\x02\n\x06Worker\x12\x42\n\x08Generate\x12\x1a.meshserve.v1.TokenRequest\x1a\x18.meshserve.v1.TokenChunk0\x01\x12L\n\rDescribeModel\x12\".meshserve.v1.DescribeModelRequest\x1a\x17.meshserve.v1.ModelInfo\x12\x41\n\x07GetLoad\x12\x1c.meshserve.v1.GetLoadRequest\x1a\x18.meshserve.v1.LoadReport\x12G\n\tWatchLoad\x12\x1e.meshserve.v1.WatchLoadRequest\x1a\x18.meshserve.v1.LoadReport0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/worker.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\"\x16\n\x14\x44\x65scribeModelRequest\"\x10\n\x0eGetLoadRequest\"x\n\x0bLinkCommand\x12.\n\x06submit\x18\x01 \x01(\x0b\x32\x1c.meshserve.v1.SubmitSequenceH\x00\x12.\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1c.meshserve.v1.CancelSequenceH\x00\x42\t\n\x07\x63ommand\"\xe2\x01\n\x0eSubmitSequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.meshserve.v1.TokenRequest\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x45\n\rtrace_context\x18\x04 \x03(\x0b\x32..meshserve.v1.SubmitSequence.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x0e\x43\x61ncelSequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\"a\n\tLinkEvent\x12,\n\x07outputs\x18\x01 \x03(\x0b\x32\x1b.meshserve.v1.SequenceChunk\x12&\n\x04load\x18\x02 \x01(\x0b\x32\x18.meshserve.v1.LoadReport\"N\n\rSequenceChunk\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.meshserve.v1.StreamChunk\"\x91\x03\n\nLoadReport\x12\x19\n\x11running_sequences\x18\x01 \x01(\r\x12\x19\n\x11waiting_sequences\x18\x02 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x03 \x01(\r\x12\x1a\n\x12sequences_finished\x18\x04 \x01(\x04\x12\x1b\n\x13sequences_cancelled\x18\x05 \x01(\x04\x12\x18\n\x10generated_tokens\x18\x06 \x01(\x04\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x08 \x01(\r\x12\x15\n\rkv_block_size\x18\t \x01(\r\x12\x19\n\x11tokens_per_second\x18\n \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0b \x01(\x02\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\r\x12\x1b\n\x13waiting_by_priority\x18\x0f \x03(\r2\xdc\x01\n\x06Worker\x12\x41\n\x07\x43onnect\x12\x19.meshserve.v1.LinkCommand\x1a\x17.meshserve.v1.LinkEvent(\x01\x30\x01\x12L\n\rDescribeModel\x12\".meshserve.v1.DescribeModelRequest\x1a\x17.meshserve.v1.ModelInfo\x12\x41\n\x07GetLoad\x12\x1c.meshserve.v1.GetLoadRequest\x1a\x18.meshserve.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SUBMITSEQUENCE_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_SUBMITSEQUENCE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_DESCRIBEMODELREQUEST']._serialized_start=70
   _globals['_DESCRIBEMODELREQUEST']._serialized_end=92
   _globals['_GETLOADREQUEST']._serialized_start=94
   _globals['_GETLOADREQUEST']._serialized_end=110
-  _globals['_WATCHLOADREQUEST']._serialized_start=112
-  _globals['_WATCHLOADREQUEST']._serialized_end=151
-  _globals['_LOADREPORT']._serialized_start=154
-  _globals['_LOADREPORT']._serialized_end=555
-  _globals['_WORKER']._serialized_start=558
-  _globals['_WORKER']._serialized_end=852
+  _globals['_LINKCOMMAND']._serialized_start=112
+  _globals['_LINKCOMMAND']._serialized_end=232
+  _globals['_SUBMITSEQUENCE']._serialized_start=235
+  _globals['_SUBMITSEQUENCE']._serialized_end=461
+  _globals['_SUBMITSEQUENCE_TRACECONTEXTENTRY']._serialized_start=410
+  _globals['_SUBMITSEQUENCE_TRACECONTEXTENTRY']._serialized_end=461
+  _globals['_CANCELSEQUENCE']._serialized_start=463
+  _globals['_CANCELSEQUENCE']._serialized_end=500
+  _globals['_LINKEVENT']._serialized_start=502
+  _globals['_LINKEVENT']._serialized_end=599
+  _globals['_SEQUENCECHUNK']._serialized_start=601
+  _globals['_SEQUENCECHUNK']._serialized_end=679
+  _globals['_LOADREPORT']._serialized_start=682
+  _globals['_LOADREPORT']._serialized_end=1083
+  _globals['_WORKER']._serialized_start=1086
+  _globals['_WORKER']._serialized_end=1306
 # @@protoc_insertion_point(module_scope)

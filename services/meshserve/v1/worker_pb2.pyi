@@ -2,8 +2,8 @@ from meshserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -15,11 +15,54 @@ class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class WatchLoadRequest(_message.Message):
-    __slots__ = ("interval_ms",)
-    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
-    interval_ms: int
-    def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
+class LinkCommand(_message.Message):
+    __slots__ = ("submit", "cancel")
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    submit: SubmitSequence
+    cancel: CancelSequence
+    def __init__(self, submit: _Optional[_Union[SubmitSequence, _Mapping]] = ..., cancel: _Optional[_Union[CancelSequence, _Mapping]] = ...) -> None: ...
+
+class SubmitSequence(_message.Message):
+    __slots__ = ("sequence_id", "request", "timeout_ms", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    request: _common_pb2.TokenRequest
+    timeout_ms: int
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, sequence_id: _Optional[int] = ..., request: _Optional[_Union[_common_pb2.TokenRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CancelSequence(_message.Message):
+    __slots__ = ("sequence_id",)
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    def __init__(self, sequence_id: _Optional[int] = ...) -> None: ...
+
+class LinkEvent(_message.Message):
+    __slots__ = ("outputs", "load")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[SequenceChunk]
+    load: LoadReport
+    def __init__(self, outputs: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ...) -> None: ...
+
+class SequenceChunk(_message.Message):
+    __slots__ = ("sequence_id", "chunk")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    chunk: _common_pb2.StreamChunk
+    def __init__(self, sequence_id: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.StreamChunk, _Mapping]] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("running_sequences", "waiting_sequences", "max_num_seqs", "sequences_finished", "sequences_cancelled", "generated_tokens", "free_kv_blocks", "total_kv_blocks", "kv_block_size", "tokens_per_second", "prefix_cache_hit_rate", "draining", "preemptions", "max_num_batched_tokens", "waiting_by_priority")

@@ -35,10 +35,10 @@ class WorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Generate = channel.unary_stream(
-                '/meshserve.v1.Worker/Generate',
-                request_serializer=meshserve_dot_v1_dot_common__pb2.TokenRequest.SerializeToString,
-                response_deserializer=meshserve_dot_v1_dot_common__pb2.TokenChunk.FromString,
+        self.Connect = channel.stream_stream(
+                '/meshserve.v1.Worker/Connect',
+                request_serializer=meshserve_dot_v1_dot_worker__pb2.LinkCommand.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_worker__pb2.LinkEvent.FromString,
                 _registered_method=True)
         self.DescribeModel = channel.unary_unary(
                 '/meshserve.v1.Worker/DescribeModel',
@@ -50,19 +50,16 @@ class WorkerStub:
                 request_serializer=meshserve_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=meshserve_dot_v1_dot_worker__pb2.LoadReport.FromString,
                 _registered_method=True)
-        self.WatchLoad = channel.unary_stream(
-                '/meshserve.v1.Worker/WatchLoad',
-                request_serializer=meshserve_dot_v1_dot_worker__pb2.WatchLoadRequest.SerializeToString,
-                response_deserializer=meshserve_dot_v1_dot_worker__pb2.LoadReport.FromString,
-                _registered_method=True)
 
 
 class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Generate(self, request, context):
-        """Generates one sequence. Cancelling the call (or its deadline passing) removes
-        the sequence from the batch at the next step.
+    def Connect(self, request_iterator, context):
+        """One long-lived stream per router. The router submits and cancels sequences on it; the worker
+        answers with its load at once, then once per engine step with the outputs of every sequence of
+        this stream that advanced, and its load whenever it changes (at least once a second). When the
+        stream ends, for either side, every sequence still open on it is cancelled at the next step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,21 +77,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchLoad(self, request, context):
-        """The worker's load now, then again whenever it changes (at most every interval_ms,
-        and at least once a second as a heartbeat) until the caller cancels.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=meshserve_dot_v1_dot_common__pb2.TokenRequest.FromString,
-                    response_serializer=meshserve_dot_v1_dot_common__pb2.TokenChunk.SerializeToString,
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=meshserve_dot_v1_dot_worker__pb2.LinkCommand.FromString,
+                    response_serializer=meshserve_dot_v1_dot_worker__pb2.LinkEvent.SerializeToString,
             ),
             'DescribeModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeModel,
@@ -104,11 +93,6 @@ def add_WorkerServicer_to_server(servicer, server):
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
                     request_deserializer=meshserve_dot_v1_dot_worker__pb2.GetLoadRequest.FromString,
-                    response_serializer=meshserve_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
-            ),
-            'WatchLoad': grpc.unary_stream_rpc_method_handler(
-                    servicer.WatchLoad,
-                    request_deserializer=meshserve_dot_v1_dot_worker__pb2.WatchLoadRequest.FromString,
                     response_serializer=meshserve_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
             ),
     }
@@ -123,7 +107,7 @@ class Worker:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Generate(request,
+    def Connect(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -133,12 +117,12 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/meshserve.v1.Worker/Generate',
-            meshserve_dot_v1_dot_common__pb2.TokenRequest.SerializeToString,
-            meshserve_dot_v1_dot_common__pb2.TokenChunk.FromString,
+            '/meshserve.v1.Worker/Connect',
+            meshserve_dot_v1_dot_worker__pb2.LinkCommand.SerializeToString,
+            meshserve_dot_v1_dot_worker__pb2.LinkEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -192,33 +176,6 @@ class Worker:
             target,
             '/meshserve.v1.Worker/GetLoad',
             meshserve_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
-            meshserve_dot_v1_dot_worker__pb2.LoadReport.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def WatchLoad(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/meshserve.v1.Worker/WatchLoad',
-            meshserve_dot_v1_dot_worker__pb2.WatchLoadRequest.SerializeToString,
             meshserve_dot_v1_dot_worker__pb2.LoadReport.FromString,
             options,
             channel_credentials,

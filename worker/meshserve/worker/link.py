@@ -1,0 +1,139 @@
+"""One router's stream on the worker: its commands go to the engine, and each engine step's outputs of its
+sequences (with the worker's load when it changed) come back as one LinkEvent."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import propagate
+
+from meshserve.common.errors import MeshError
+from meshserve.common.logs import current_request_id
+from meshserve.v1 import worker_pb2
+from meshserve.worker.async_engine import EngineClient
+from meshserve.worker.engine import Engine, EngineLoad
+from meshserve.worker.metrics import WorkerMetrics
+from meshserve.worker.protocol import ModelLimits, error_chunk, load_report, stream_chunk
+from meshserve.worker.sequence import Sequence, SequenceOutput
+from meshserve.worker.sequence_trace import SequenceTrace
+
+log = logging.getLogger(__name__)
+
+LOAD_INTERVAL_S = 0.02  # how often a change in load is looked for
+LOAD_HEARTBEAT_S = 1.0
+OPEN_SEQUENCES_PER_SEAT = 4  # one stream may hold this many sequences per seat of the engine
+
+
+@dataclass
+class _Open:
+    index: int
+    trace: SequenceTrace
+
+
+class Link:
+    def __init__(self, engine: Engine, limits: ModelLimits, metrics: WorkerMetrics) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.metrics = metrics
+        self.client = EngineClient(engine, limits, OPEN_SEQUENCES_PER_SEAT * engine.max_num_seqs)
+        self._open: dict[int, _Open] = {}
+        self._refused: list[worker_pb2.SequenceChunk] = []
+        self._load: EngineLoad | None = None
+        self._ended = False
+
+    async def events(self, commands: AsyncIterator[worker_pb2.LinkCommand]) -> AsyncIterator[worker_pb2.LinkEvent]:
+        """The stream's events until the router closes its side (or the worker drains and this link is idle)."""
+        reader = asyncio.create_task(self._read(commands))
+        loads = asyncio.create_task(self._watch_load())
+        try:
+            yield worker_pb2.LinkEvent(load=load_report(self.engine.load()))
+            while True:
+                outputs = await self.client.next_outputs()
+                event = self._event(outputs)
+                if event.outputs or event.HasField("load"):
+                    yield event
+                if self._ended:
+                    return
+        finally:
+            for task in (reader, loads):
+                task.cancel()
+            await asyncio.gather(reader, loads, return_exceptions=True)
+            self.client.close()
+            for key in list(self._open):
+                self._end(key)
+
+    async def _read(self, commands: AsyncIterator[worker_pb2.LinkCommand]) -> None:
+        try:
+            async for command in commands:
+                kind = command.WhichOneof("command")
+                if kind == "submit":
+                    self._submit(command.submit)
+                elif kind == "cancel":
+                    if self.client.cancel(command.cancel.sequence_id) is not None:
+                        self._end(command.cancel.sequence_id)
+        finally:
+            self._ended = True
+            self.client.wake()
+
+    def _submit(self, submit: worker_pb2.SubmitSequence) -> None:
+        request, key = submit.request, submit.sequence_id
+        current_request_id.set(request.request_id)
+        trace = SequenceTrace(request, self.limits.name, self.metrics, propagate.extract(dict(submit.trace_context)))
+        try:
+            self.client.submit(key, request, submit.timeout_ms / 1000 if submit.timeout_ms else None)
+        except MeshError as exc:
+            trace.failed(exc)
+            trace.end()
+            self._refused.append(worker_pb2.SequenceChunk(sequence_id=key, chunk=error_chunk(request.index, exc)))
+            self.client.wake()
+            return
+        self._open[key] = _Open(request.index, trace)
+
+    def _event(self, outputs: list[tuple[int, Sequence, SequenceOutput]]) -> worker_pb2.LinkEvent:
+        event = worker_pb2.LinkEvent(outputs=self._refused)
+        self._refused = []
+        for key, sequence, output in outputs:
+            opened = self._open.get(key)
+            if opened is None:
+                continue
+            opened.trace.tokens(len(output.token_ids))
+            event.outputs.add(sequence_id=key, chunk=stream_chunk(opened.index, output))
+            if output.error:
+                opened.trace.failed(MeshError(grpc.StatusCode.INTERNAL, output.error))
+                self._end(key)
+            elif output.finish is not None:
+                opened.trace.finished(output, sequence.num_preemptions)
+                self._end(key)
+        if self._load is not None:
+            event.load.CopyFrom(load_report(self._load))
+            self._load = None
+        return event
+
+    def _end(self, key: int) -> None:
+        opened = self._open.pop(key, None)
+        if opened is not None:
+            opened.trace.end()
+
+    async def _watch_load(self) -> None:
+        """Queues the load for the next event whenever what a scheduler acts on changed, and as a heartbeat."""
+        last, last_sent = None, time.monotonic()
+        while True:
+            await asyncio.sleep(LOAD_INTERVAL_S)
+            load = self.engine.load()
+            # Tokens/s moves every step; only a change in what a scheduler acts on (or the heartbeat) is news.
+            key = dataclasses.replace(load, tokens_per_second=0.0)
+            if key != last or time.monotonic() - last_sent >= LOAD_HEARTBEAT_S:
+                self._load, last, last_sent = load, key, time.monotonic()
+                self.client.wake()
+            if load.draining and self.client.open_sequences == 0:
+                # Draining and idle: an open stream would hold the server (and the pod's termination) until
+                # the drain timeout. The router has seen the draining load and sends nothing new.
+                self._ended = True
+                self.client.wake()
+                return

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,11 +40,11 @@ from itertools import pairwise
 from pathlib import Path
 
 import aiohttp
+from processes import HOST, free_port_block, spawn, stop_process_group, tree_cpu_seconds
 
 from meshserve.common.config import WORKER_METRICS_OFFSET
 from meshserve.worker.builtin_model import ensure_builtin_model
 
-HOST = "127.0.0.1"
 VLLM_ENV = (
     f"VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=2 VLLM_HOST_IP={HOST} "
     "VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1"
@@ -90,76 +88,6 @@ class LevelResult:
         return self.tokens / self.wall if self.wall > 0 else float("nan")
 
 
-def _proc_stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, utime + stime in ticks, start time in ticks) from /proc/PID/stat; None if it is gone or a zombie."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
-    if fields[0] == "Z":
-        return None
-    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19])
-
-
-def process_tree(root: int) -> dict[int, tuple[int, int]]:
-    """{pid: (cpu ticks, start time)} of root and every descendant alive now."""
-    stats = {int(p): s for p in os.listdir("/proc") if p.isdigit() and (s := _proc_stat(int(p))) is not None}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    tree, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            tree[pid] = (stats[pid][1], stats[pid][2])
-            todo.extend(children.get(pid, []))
-    return tree
-
-
-def tree_cpu_seconds(root: int) -> float:
-    return sum(ticks for ticks, _ in process_tree(root).values()) / os.sysconf("SC_CLK_TCK")
-
-
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    """SIGTERM to the process group, then SIGKILL to whatever of its process tree is left.
-
-    `meshserve up` starts each service in a session of its own (so Ctrl-C reaches only the launcher), so the
-    group alone does not hold them: the tree is noted first and swept by pid and start time (never a reused pid).
-    """
-    tree = process_tree(process.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(pid, start) for pid, (_, start) in tree.items()):
-        process.poll()  # reaps the launcher
-        time.sleep(0.2)
-    for pid, (_, start) in tree.items():
-        if _alive(pid, start):
-            print(f"peer: pid {pid} did not stop in {grace:.0f} s; killing it", file=sys.stderr)
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def _alive(pid: int, start: int) -> bool:
-    return (stat := _proc_stat(pid)) is not None and stat[2] == start
-
-
-def free_port_block(size: int) -> int:
-    """A base port with base .. base + size - 1 all free on the loopback address now."""
-    for base in random.sample(range(20000, 60000 - size, size), 200):
-        with contextlib.ExitStack() as sockets:
-            try:
-                for port in range(base, base + size):
-                    sockets.enter_context(socket.socket()).bind((HOST, port))
-                return base
-            except OSError:
-                continue
-    raise SystemExit("peer: found no block of free ports")
-
-
 @dataclass
 class Server:
     name: str
@@ -192,12 +120,7 @@ def start_vllm(model_dir: Path, work: Path, args: argparse.Namespace) -> Server:
 
 def _spawn(name: str, command: list[str], env: dict[str, str], url: str, work: Path) -> Server:
     log = work / f"{name}-{time.strftime('%H%M%S')}.log"
-    log.write_text(f"$ {' '.join(command)}\n")
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-    return Server(name, process, url, log)
+    return Server(name, spawn(command, env, log), url, log)
 
 
 async def wait_ready(server: Server, timeout: float) -> None:

@@ -1,12 +1,14 @@
-"""The router's cost, in one run: scheduling overhead per request with 1,000 queued, and tokens/s through it.
+"""The router's scheduling overhead per request with 1,000 queued, in one run.
 
-    python bench/router.py [--queued 1000] [--concurrency 16] [--max-tokens 64]
+    python bench/router.py [--queued 1000] [--seats 16]
 
-1. Scheduling: 1,000 requests (mixed classes and tenants) wait before a real worker whose seats
-   are full; each finish frees one seat and the dispatcher picks the next request. Prints
-   microseconds of router CPU per dispatched request.
-2. The hop: the same streams sent straight to a worker and through the router (both real gRPC
-   servers on 127.0.0.1, built-in model); prints both tokens/s and the share lost.
+1,000 requests (mixed classes and tenants) wait before a real worker (a gRPC server on 127.0.0.1,
+built-in model, its load reports over its one stream to the router) whose seats are full; each finish
+frees one seat and the dispatcher picks the next request. Prints microseconds of router CPU per
+dispatched request.
+
+The router hop itself (tokens/s and inter-token latency straight into a worker, through the router,
+and through gateway + router) is measured by bench/hops.py.
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ import asyncio
 import random
 import time
 
-from meshserve.common.channels import aio_channel
-from meshserve.common.config import RouterConfig, WorkerConfig
+from meshserve.common.config import WorkerConfig
 from meshserve.common.enums import PRIORITY_CLASSES
 from meshserve.router.discovery import parse_sources
 from meshserve.router.dispatcher import Dispatcher
 from meshserve.router.queue import Pending, RequestQueue
-from meshserve.router.server import start_router
 from meshserve.router.workers import WorkerPool
-from meshserve.v1 import common_pb2, router_pb2_grpc, worker_pb2_grpc
+from meshserve.v1 import common_pb2
 from meshserve.worker.server import start_worker
 
 
@@ -72,57 +72,16 @@ async def scheduling_overhead(worker_address: str, queued: int) -> float:
         await pool.close()
 
 
-async def stream_tokens(
-    client: worker_pb2_grpc.WorkerStub | router_pb2_grpc.RouterStub, concurrency: int, max_tokens: int
-) -> float:
-    """Tokens/s of `concurrency` greedy streams through `client` (the worker itself, or the router)."""
-    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-
-    async def one(i: int) -> int:
-        request = common_pb2.TokenRequest(prompt_token_ids=[5 + i, 6, 7, 8], sampling=sampling)
-        tokens = 0
-        async for chunk in client.Generate(request, timeout=600):
-            tokens += len(chunk.token_ids)
-        return tokens
-
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(one(i) for i in range(concurrency)))
-    return sum(counts) / (time.perf_counter() - start)
-
-
-async def hop_cost(worker_address: str, router_address: str, concurrency: int, max_tokens: int) -> tuple[float, float]:
-    worker_channel, router_channel = aio_channel(worker_address), aio_channel(router_address)
-    try:
-        worker = worker_pb2_grpc.WorkerStub(worker_channel)  # grpcio's name for a generated client
-        router = router_pb2_grpc.RouterStub(router_channel)
-        await stream_tokens(worker, 2, 4)  # warm-up: model, channels, first compilations
-        await stream_tokens(router, 2, 4)
-        direct = await stream_tokens(worker, concurrency, max_tokens)
-        routed = await stream_tokens(router, concurrency, max_tokens)
-        return direct, routed
-    finally:
-        await worker_channel.close()
-        await router_channel.close()
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queued", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--seats", type=int, default=16, help="the worker's max_num_seqs")
     args = parser.parse_args()
-    worker = await start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=args.concurrency, threads=1))
-    router = await start_router(RouterConfig(host="127.0.0.1", port=0, workers=worker.address))
+    worker = await start_worker(WorkerConfig(host="127.0.0.1", port=0, max_num_seqs=args.seats, threads=1))
     try:
         overhead = await scheduling_overhead(worker.address, args.queued)
         print(f"scheduling with {args.queued} queued: {overhead:.0f} us of router CPU per dispatched request")
-        direct, routed = await hop_cost(worker.address, router.address, args.concurrency, args.max_tokens)
-        print(
-            f"{args.concurrency} streams x {args.max_tokens} tokens: worker direct {direct:.0f} tok/s, "
-            f"through the router {routed:.0f} tok/s ({1 - routed / direct:+.1%} lost)"
-        )
     finally:
-        await router.stop(0)
         await worker.stop(0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 
@@ -42,3 +43,35 @@ def generate_on_worker(
 
 def violated_fields(error: MeshError) -> list[str]:
     return [v.field for d in error.details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations]
+
+
+class LinkClient:
+    """A router's stream to a worker, held by hand: submit and cancel by id, read the events as they come."""
+
+    def __init__(self, channel: grpc.Channel, timeout: float = 120) -> None:
+        self._commands: queue.Queue[worker_pb2.LinkCommand | None] = queue.Queue()
+        self.call = worker_pb2_grpc.WorkerStub(channel).Connect(self._stream(), timeout=timeout)
+
+    def _stream(self) -> Iterator[worker_pb2.LinkCommand]:
+        while (command := self._commands.get()) is not None:
+            yield command
+
+    def submit(self, sequence_id: int, request: common_pb2.TokenRequest) -> None:
+        submit = worker_pb2.SubmitSequence(sequence_id=sequence_id, request=request)
+        self._commands.put(worker_pb2.LinkCommand(submit=submit))
+
+    def cancel(self, sequence_id: int) -> None:
+        self._commands.put(worker_pb2.LinkCommand(cancel=worker_pb2.CancelSequence(sequence_id=sequence_id)))
+
+    def events(self) -> Iterator[worker_pb2.LinkEvent]:
+        return iter(self.call)
+
+    def close(self) -> None:
+        self._commands.put(None)
+        self.call.cancel()
+
+    def __enter__(self) -> LinkClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from meshserve.common.channels import relay
 from meshserve.common.config import GatewayConfig
 from meshserve.common.errors import not_found
 from meshserve.common.logs import current_request_id
@@ -76,14 +75,29 @@ class Infer:
     async def stream(
         self, admission: Admission, timeout: float | None
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        used = len(admission.validated.token_request.prompt_token_ids)
+        validated = admission.validated
+        prompt_tokens = len(validated.token_request.prompt_token_ids)
+        used = prompt_tokens
+        finished: list[common_pb2.Usage] = []
+        final = False  # a fan-out ends with its own, with the usage the aggregator counted
         texts: dict[int, list[str]] = {}
         try:
-            async for response in self._stream(admission.validated, timeout, admission.observer):
-                used = response.usage.total_tokens if response.final else used + len(response.token_ids)
-                if self.config.log_text and response.text:
-                    texts.setdefault(response.index, []).append(response.text)
-                yield response
+            async for message in self._mesh_stream(validated, timeout, admission.observer):
+                if message.final:
+                    final, used = True, message.usage.total_tokens
+                else:
+                    used += len(message.token_ids)
+                if message.finish_reason:
+                    finished.append(message.usage)
+                if self.config.log_text and message.text:
+                    texts.setdefault(message.index, []).append(message.text)
+                yield message
+            if not final:
+                usage = outputs_usage(prompt_tokens, finished)
+                used = usage.total_tokens
+                yield inference_pb2.GenerateStreamResponse(
+                    request_id=validated.token_request.request_id, usage=usage, final=True
+                )
         finally:
             admission.reservation.settle(used)
             if self.config.log_text:
@@ -110,23 +124,6 @@ class Infer:
                 info.ClearField("tokenizer_files")
             models.append(info)
         return models
-
-    async def _stream(
-        self, validated: ValidatedRequest, timeout: float | None, observer: RequestObserver | None
-    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        finished: list[common_pb2.Usage] = []
-        final = False  # a fan-out ends with its own, with the usage the aggregator counted
-        async for message in self._mesh_stream(validated, timeout, observer):
-            final = final or message.final
-            if message.finish_reason:
-                finished.append(message.usage)
-            yield message
-        if final:
-            return
-        prompt_tokens = len(validated.token_request.prompt_token_ids)
-        yield inference_pb2.GenerateStreamResponse(
-            request_id=validated.token_request.request_id, usage=outputs_usage(prompt_tokens, finished), final=True
-        )
 
     async def _complete(
         self, validated: ValidatedRequest, timeout: float | None, observer: RequestObserver | None
@@ -185,11 +182,14 @@ class Infer:
                 # The parent as admitted (tenant, priority), which may differ from what validation saw.
                 validated.fan_out.request.CopyFrom(validated.token_request)
                 call = self.mesh.fan_out(validated.fan_out, timeout)
-        async for message in relay(call):
-            message.request_id = request_id
-            if observer is not None and not message.final:
-                observer.tokens(message.index, len(message.token_ids), message.finish_reason)
-            yield message
+        try:
+            async for message in call:
+                message.request_id = request_id
+                if observer is not None and not message.final:
+                    observer.tokens(message.index, len(message.token_ids), message.finish_reason)
+                yield message
+        finally:  # our consumer stopped or was cancelled: so is the call
+            call.cancel()
 
 
 @dataclass

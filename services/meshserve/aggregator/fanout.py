@@ -10,16 +10,17 @@ request. Map-reduce runs the map groups first, then one reduce group over their 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from google.rpc import error_details_pb2
 
 from meshserve.aggregator.mapreduce import MapReducePlan
-from meshserve.aggregator.merge import merge_streams
+from meshserve.aggregator.merge import merge_batches
 from meshserve.aggregator.plan import Group, candidate_requests
 from meshserve.aggregator.ranking import Candidate, choose
 from meshserve.common.errors import STATUS_BY_NUMBER, MeshError
+from meshserve.common.stream_chunks import joined
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.common.usage import token_usage
 from meshserve.v1 import common_pb2
@@ -91,28 +92,29 @@ class FanOut:
             self.totals.prompt_tokens += len(group.prompt_token_ids)
         streams = [self._sub_stream(position, request, owners[position]) for position, request in enumerate(requests)]
         try:
-            async for position, item in merge_streams(streams):
-                state, number = owners[position]
-                candidate = state.candidates[number]
-                if isinstance(item, MeshError):
-                    candidate.fail(item)
-                    self.totals.completion_tokens += len(candidate.token_ids)
-                    for message in self._failed(state, candidate):
-                        yield message
-                    continue
-                if state.group.held:
-                    candidate.add(item)
-                else:
-                    candidate.token_ids.extend(item.token_ids)  # counted for usage should it fail later
-                    if item.finish_reason:
-                        candidate.finish_reason, candidate.usage = item.finish_reason, item.usage
-                    yield item
-                if item.finish_reason:
-                    self.totals.completion_tokens += item.usage.completion_tokens
-                    state.cached_prompt_tokens = max(state.cached_prompt_tokens, item.usage.cached_prompt_tokens)
-                    if state.group.held:
-                        for message in self._decided(state, candidate):
+            async for batch in merge_batches(streams):
+                for position, item in _coalesced(batch):
+                    state, number = owners[position]
+                    candidate = state.candidates[number]
+                    if isinstance(item, MeshError):
+                        candidate.fail(item)
+                        self.totals.completion_tokens += len(candidate.token_ids)
+                        for message in self._failed(state, candidate):
                             yield message
+                        continue
+                    if state.group.held:
+                        candidate.add(item)
+                    else:
+                        candidate.token_ids.extend(item.token_ids)  # counted for usage should it fail later
+                        if item.finish_reason:
+                            candidate.finish_reason, candidate.usage = item.finish_reason, item.usage
+                        yield item
+                    if item.finish_reason:
+                        self.totals.completion_tokens += item.usage.completion_tokens
+                        state.cached_prompt_tokens = max(state.cached_prompt_tokens, item.usage.cached_prompt_tokens)
+                        if state.group.held:
+                            for message in self._decided(state, candidate):
+                                yield message
         finally:
             self.totals.cached_prompt_tokens += sum(s.cached_prompt_tokens for s in states)
 
@@ -223,6 +225,27 @@ class FanOut:
         async for message in self.run_groups([reduce], ["the reduce"], tag="reduce"):
             yield message
         yield self.final()
+
+
+def _coalesced(
+    batch: list[tuple[int, common_pb2.StreamChunk | MeshError]],
+) -> Iterator[tuple[int, common_pb2.StreamChunk | MeshError]]:
+    """The chunks of each sub-request that were ready together, joined into one; its failure after them."""
+    by_position: dict[int, list[common_pb2.StreamChunk | MeshError]] = {}
+    for position, item in batch:
+        by_position.setdefault(position, []).append(item)
+    for position, items in by_position.items():
+        chunks: list[common_pb2.StreamChunk] = []
+        for item in items:
+            if isinstance(item, MeshError):
+                if chunks:
+                    yield position, joined(chunks)
+                    chunks = []
+                yield position, item
+            else:
+                chunks.append(item)
+        if chunks:
+            yield position, joined(chunks)
 
 
 def _relabel(error: MeshError, state: _GroupState, number: int) -> MeshError:

@@ -20,6 +20,14 @@ async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]
     The first stream to fail cancels the others and its error is raised (fail fast).
     Closing the merged stream early (or cancelling its consumer) cancels every stream.
     """
+    async for batch in merge_batches(streams):
+        for item in batch:
+            yield item
+
+
+async def merge_batches(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[list[T]]:
+    """As merge_streams, but every item that is ready when the consumer asks comes in one list: a consumer
+    that was slow can send what piled up as one message."""
     queue: asyncio.Queue[object] = asyncio.Queue()
 
     async def pump(stream: AsyncIterator[T]) -> None:
@@ -35,13 +43,19 @@ async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]
     try:
         remaining = len(tasks)
         while remaining:
-            item = await queue.get()
-            if item is _DONE:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item  # type: ignore[misc]
+            ready = [await queue.get()]
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            batch: list[T] = []
+            for item in ready:
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    batch.append(item)  # type: ignore[arg-type]
+            if batch:
+                yield batch
     finally:
         for task in tasks:
             task.cancel()

@@ -38,7 +38,7 @@ class Candidate:
             return -math.inf
         return sum(lp.logprob for lp in self.logprobs) / len(self.logprobs)
 
-    def add(self, chunk: common_pb2.TokenChunk) -> None:
+    def add(self, chunk: common_pb2.StreamChunk) -> None:
         assert not self.done, f"candidate {self.number} got tokens after it ended"
         self.token_ids.extend(chunk.token_ids)
         self.texts.append(chunk.text)

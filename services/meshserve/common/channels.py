@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -62,12 +60,3 @@ def wait_until_serving(address: str, timeout: float, service: str = "", poll_sec
 
 async def aio_wait_until_serving(address: str, timeout: float, poll_seconds: float = 0.2) -> bool:
     return await asyncio.to_thread(wait_until_serving, address, timeout, "", poll_seconds)
-
-
-async def relay(call: grpc.aio.UnaryStreamCall[Any, Any]) -> AsyncIterator[Any]:
-    """Yields a server stream's messages; if our consumer stops or is cancelled, so is the call."""
-    try:
-        async for message in call:
-            yield message
-    finally:
-        call.cancel()

@@ -17,6 +17,7 @@ import grpc
 from opentelemetry import propagate
 
 from meshserve.common.errors import MeshError
+from meshserve.common.stream_chunks import joined
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,7 @@ class SequenceStream:
             await self._ready.wait()
             self._ready.clear()
         chunks, self._chunks = self._chunks, []
-        merged = chunks[0]
-        if len(chunks) > 1:
-            texts = [merged.text]
-            for chunk in chunks[1:]:
-                merged.MergeFrom(chunk)  # repeated fields join; a finish and usage are the later chunk's
-                texts.append(chunk.text)
-            merged.text = "".join(texts)
+        merged = joined(chunks)
         if merged.HasField("error"):
             raise MeshError.of_status(merged.error)
         return merged

@@ -118,7 +118,9 @@ class WorkerPool:
 
                 def on_load(report: worker_pb2.LoadReport) -> None:
                     nonlocal failures
-                    worker.load, worker.connected, failures = report, True, 0
+                    worker.load, worker.connected = report, True
+                    if not report.draining:  # a draining worker ends the stream when idle: no quick reconnects
+                        failures = 0
                     self.on_change()
 
                 worker.link = WorkerLink(worker.stub, on_load)

@@ -86,7 +86,13 @@ class Link:
         current_request_id.set(request.request_id)
         trace = SequenceTrace(request, self.limits.name, self.metrics, propagate.extract(dict(submit.trace_context)))
         try:
-            self.client.submit(key, request, submit.timeout_ms / 1000 if submit.timeout_ms else None)
+            try:
+                self.client.submit(key, request, submit.timeout_ms / 1000 if submit.timeout_ms else None)
+            except MeshError:
+                raise
+            except Exception as exc:  # one bad submission fails alone, never the stream it came on
+                log.exception("submitting sequence %s failed", request.request_id[:200])
+                raise MeshError(grpc.StatusCode.INTERNAL, "the worker could not start this sequence") from exc
         except MeshError as exc:
             trace.failed(exc)
             trace.end()

@@ -1,7 +1,7 @@
 """The worker's Prometheus metrics: batch, KV cache, prefix cache, preemptions, tokens, latency at the worker.
 
-The gauges and running totals come from the engine's own load snapshot at scrape time (the numbers its
-WatchLoad stream reports), so the engine loop pays nothing for them; only per-step batch sizes and
+The gauges and running totals come from the engine's own load snapshot at scrape time (the numbers each
+router's stream reports), so the engine loop pays nothing for them; only per-step batch sizes and
 per-request latencies are observed as they happen.
 """
 

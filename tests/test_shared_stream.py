@@ -1,0 +1,144 @@
+"""One stream per router and worker: many sequences share it, each step's outputs travel together, a cancel
+frees only its own sequence, and a worker killed under several sequences of one stream loses no token."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from meshserve.common.channels import sync_channel
+from meshserve.v1 import common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
+from support import WAIT_S, in_process_workers, workers_behind_a_router
+from worker_client import LinkClient
+
+
+@pytest.fixture(scope="module")
+def worker(loop_thread):
+    with in_process_workers(loop_thread, [8]) as (server,):
+        yield server
+
+
+def long_request(tokens: int, **sampling) -> common_pb2.TokenRequest:
+    params = {"max_tokens": tokens, "ignore_eos": True, "temperature": 0.0, **sampling}
+    return common_pb2.TokenRequest(prompt_token_ids=[5, 6, 7], sampling=common_pb2.SamplingParams(**params))
+
+
+def test_every_sequence_of_a_stream_advances_in_one_message_per_step(worker):
+    tokens = 24
+    with sync_channel(worker.address) as channel, LinkClient(channel) as link:
+        for sequence_id in (1, 2, 3, 4):
+            link.submit(sequence_id, long_request(tokens))
+        received = {sequence_id: 0 for sequence_id in (1, 2, 3, 4)}
+        finished: set[int] = set()
+        output_events = shared = 0
+        for event in link.events():
+            if event.outputs:
+                output_events += 1
+                shared += len({o.sequence_id for o in event.outputs}) > 1
+            for output in event.outputs:
+                assert not output.chunk.HasField("error"), output.chunk.error
+                received[output.sequence_id] += len(output.chunk.token_ids)
+                if output.chunk.finish_reason:
+                    assert output.chunk.usage.completion_tokens == tokens
+                    finished.add(output.sequence_id)
+            if finished == set(received):
+                break
+    assert received == {sequence_id: tokens for sequence_id in received}
+    # 96 tokens in about one message per engine step (24 decode steps, a few prefill steps), not one per token.
+    assert output_events <= tokens + 8, output_events
+    assert shared >= tokens // 2, shared
+
+
+def test_cancelling_one_sequence_frees_only_it_at_the_next_step(worker):
+    with sync_channel(worker.address) as channel, LinkClient(channel) as link:
+        link.submit(1, long_request(400))
+        link.submit(2, long_request(60))
+        after_cancel = {1: 0, 2: 0}  # tokens received after the cancel was sent
+        cancelled_at = None
+        freed = False
+        for event in link.events():
+            for output in event.outputs:
+                if cancelled_at is not None:
+                    after_cancel[output.sequence_id] += len(output.chunk.token_ids)
+                if output.sequence_id == 2 and output.chunk.finish_reason:
+                    assert output.chunk.usage.completion_tokens == 60
+                    break
+            else:
+                if cancelled_at is None and event.outputs:
+                    link.cancel(1)
+                    cancelled_at = time.monotonic()
+                if cancelled_at is not None and event.HasField("load") and event.load.running_sequences == 1:
+                    freed = True
+                continue
+            break
+    assert cancelled_at is not None and freed, "the worker never reported the cancelled sequence gone"
+    # Outputs already on the wire when the cancel left may still come: a step or two, never the rest.
+    assert after_cancel[1] <= 3, after_cancel
+    assert after_cancel[2] >= 40
+
+
+def test_a_sequence_id_still_open_on_the_stream_is_refused(worker):
+    with sync_channel(worker.address) as channel, LinkClient(channel) as link:
+        link.submit(7, long_request(30))
+        link.submit(7, long_request(30))
+        errors, finished = [], 0
+        for event in link.events():
+            for output in event.outputs:
+                if output.chunk.HasField("error"):
+                    errors.append(output.chunk.error)
+                finished += bool(output.chunk.finish_reason)
+            if errors and finished:
+                break
+    assert len(errors) == 1 and errors[0].code == 3 and "sequence_id" in errors[0].message, errors
+    assert finished == 1  # the first one ran to its end
+
+
+def test_a_worker_killed_under_several_sequences_of_one_stream_loses_no_token(loop_thread, cache_dir, tmp_path):
+    requests = [long_request(300), long_request(300, temperature=0.9, seed=3), long_request(300, seed=4)]
+    requests[2].sampling.temperature = 0.7
+    with workers_behind_a_router(loop_thread, 2, cache_dir, tmp_path) as mesh:
+        stub = mesh.router
+        references = [[t for c in stub.Generate(r, timeout=WAIT_S) for t in c.token_ids] for r in requests]
+        streams: list[list[int]] = [[] for _ in requests]
+        started = [threading.Event() for _ in requests]
+        errors: list[BaseException] = []
+
+        def consume(i: int) -> None:
+            try:
+                for chunk in stub.Generate(requests[i], timeout=WAIT_S):
+                    streams[i].extend(chunk.token_ids)
+                    if len(streams[i]) >= 10:
+                        started[i].set()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+                started[i].set()
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        assert all(event.wait(WAIT_S) for event in started)
+        stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+        busiest = max(stats.workers, key=lambda w: w.in_flight)
+        assert busiest.in_flight >= 2, [w.in_flight for w in stats.workers]  # 3 streams on 2 workers
+        mesh.process(busiest.address).send_signal(signal.SIGKILL)
+        for thread in threads:
+            thread.join(WAIT_S)
+        assert not errors, errors
+        assert streams == references
+        assert stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).failovers == busiest.in_flight
+
+
+def test_a_router_that_closes_its_side_cancels_what_it_left_open(worker):
+    with sync_channel(worker.address) as channel:
+        with LinkClient(channel) as link:
+            link.submit(1, long_request(500))
+            next(e for e in link.events() if e.outputs)
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        deadline = time.monotonic() + WAIT_S
+        while stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5).running_sequences and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5).running_sequences == 0
+

@@ -46,3 +46,20 @@ def test_first_failure_cancels_the_others():
         return cancelled.is_set()
 
     assert asyncio.run(main())
+
+
+def test_items_that_piled_up_while_the_consumer_was_slow_come_as_one_batch():
+    from meshserve.aggregator.merge import merge_batches
+
+    async def main():
+        batches = []
+        async for batch in merge_batches([ticking("a", [0.0] * 5), ticking("b", [0.0] * 5)]):
+            batches.append(batch)
+            await asyncio.sleep(0.05)  # a slow consumer: everything else is ready meanwhile
+        return batches
+
+    batches = asyncio.run(main())
+    items = [item for batch in batches for item in batch]
+    assert sorted(items) == sorted([(n, i) for n in "ab" for i in range(5)])
+    assert [i for n, i in items if n == "a"] == list(range(5))  # order within each stream kept
+    assert len(batches) <= 3, batches

@@ -141,4 +141,3 @@ def test_a_router_that_closes_its_side_cancels_what_it_left_open(worker):
         while stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5).running_sequences and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5).running_sequences == 0
-

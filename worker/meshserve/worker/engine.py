@@ -182,8 +182,9 @@ class Engine:
             sequence = self.scheduler.waiting[0]
             needed = self.block_manager.blocks_needed(sequence.num_tokens)
             self._end(sequence, Finish.ERROR, f"needs {needed} KV blocks; the pool has {self.block_manager.num_blocks}")
-        self.hand_out()
+        # The load first: a consumer that reads it when this step's outputs reach it sees the seats they freed.
         self._publish_load()
+        self.hand_out()
 
     def _run(self, chunks: list[ScheduledChunk]) -> None:
         try:

@@ -4,7 +4,6 @@ sequences (with the worker's load when it changed) come back as one LinkEvent.""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -44,15 +43,16 @@ class Link:
         self.client = EngineClient(engine, limits, OPEN_SEQUENCES_PER_SEAT * engine.max_num_seqs)
         self._open: dict[int, _Open] = {}
         self._refused: list[worker_pb2.SequenceChunk] = []
-        self._load: EngineLoad | None = None
+        self._sent_key: tuple | None = None
+        self._sent_at = 0.0
         self._ended = False
 
     async def events(self, commands: AsyncIterator[worker_pb2.LinkCommand]) -> AsyncIterator[worker_pb2.LinkEvent]:
         """The stream's events until the router closes its side (or the worker drains and this link is idle)."""
         reader = asyncio.create_task(self._read(commands))
         loads = asyncio.create_task(self._watch_load())
+        self.client.wake()  # the load at once: the router counts the worker up from its first report
         try:
-            yield worker_pb2.LinkEvent(load=load_report(self.engine.load()))
             while True:
                 outputs = await self.client.next_outputs()
                 event = self._event(outputs)
@@ -116,9 +116,12 @@ class Link:
             elif output.finish is not None:
                 opened.trace.finished(output, sequence.num_preemptions)
                 self._end(key)
-        if self._load is not None:
-            event.load.CopyFrom(load_report(self._load))
-            self._load = None
+        # With the outputs, the load they leave behind: a router sees the seats they freed in the same message.
+        load = self.engine.load()
+        key = _scheduling_key(load)
+        if key != self._sent_key or time.monotonic() - self._sent_at >= LOAD_HEARTBEAT_S:
+            event.load.CopyFrom(load_report(load))
+            self._sent_key, self._sent_at = key, time.monotonic()
         return event
 
     def _end(self, key: int) -> None:
@@ -127,15 +130,12 @@ class Link:
             opened.trace.end()
 
     async def _watch_load(self) -> None:
-        """Queues the load for the next event whenever what a scheduler acts on changed, and as a heartbeat."""
-        last, last_sent = None, time.monotonic()
+        """Wakes the stream when the load changed without an output of its own (another router's sequences, a
+        preemption) and for the heartbeat; the event itself decides what is news."""
         while True:
             await asyncio.sleep(LOAD_INTERVAL_S)
             load = self.engine.load()
-            # Tokens/s moves every step; only a change in what a scheduler acts on (or the heartbeat) is news.
-            key = dataclasses.replace(load, tokens_per_second=0.0)
-            if key != last or time.monotonic() - last_sent >= LOAD_HEARTBEAT_S:
-                self._load, last, last_sent = load, key, time.monotonic()
+            if _scheduling_key(load) != self._sent_key or time.monotonic() - self._sent_at >= LOAD_HEARTBEAT_S:
                 self.client.wake()
             if load.draining and self.client.open_sequences == 0:
                 # Draining and idle: an open stream would hold the server (and the pod's termination) until
@@ -143,3 +143,15 @@ class Link:
                 self._ended = True
                 self.client.wake()
                 return
+
+
+def _scheduling_key(load: EngineLoad) -> tuple:
+    """What a scheduler acts on; tokens/s and the running totals move every step and wait for the heartbeat."""
+    return (
+        load.running_sequences,
+        load.waiting_sequences,
+        load.waiting_by_priority,
+        load.free_kv_blocks,
+        load.max_num_seqs,
+        load.draining,
+    )

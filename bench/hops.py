@@ -115,7 +115,7 @@ def start_services(work: Path, args: argparse.Namespace) -> tuple[dict[str, subp
     addresses = {name: f"{HOST}:{port}" for name, port in ports.items()}
     cli = [sys.executable, "-m", "meshserve.cli"]
     common = ["--host", HOST, "--metrics-port", "0", "--drain-seconds", "2"]
-    worker = ["--threads", str(args.threads), "--dtype", args.dtype]
+    worker = ["--threads", str(args.threads), "--dtype", args.dtype, "--stream-interval", str(args.stream_interval)]
     if args.max_num_seqs:
         worker += ["--max-num-seqs", str(args.max_num_seqs)]
     gateway = ["--router", addresses["router"], "--aggregator", unused_aggregator]
@@ -361,6 +361,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="the worker's torch threads")
     parser.add_argument("--dtype", default="auto", help="the worker's --dtype")
     parser.add_argument("--max-num-seqs", type=int, default=0, help="the worker's seats (0: its default)")
+    parser.add_argument(
+        "--stream-interval", type=int, default=1, help="the worker's --stream-interval (tokens/message)"
+    )
     parser.add_argument("--start-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
     args.levels = list(dict.fromkeys(int(s) for s in args.levels.split(",") if s))
@@ -376,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="meshserve-hops-"))
     print(
         f"hops: levels {args.levels}, {args.max_tokens} tokens per request (greedy, ignore_eos), {args.seconds:g} s "
-        f"per run, {args.repeat} repeat(s); worker --threads {args.threads} --dtype {args.dtype}; "
+        f"per run, {args.repeat} repeat(s); worker --threads {args.threads} --dtype {args.dtype} "
+        f"--stream-interval {args.stream_interval}; "
         f"{os.cpu_count()} CPUs; logs in {work}",
         flush=True,
     )

@@ -141,3 +141,18 @@ def test_a_router_that_closes_its_side_cancels_what_it_left_open(worker):
         while stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5).running_sequences and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5).running_sequences == 0
+
+
+def test_a_stream_interval_sends_that_many_tokens_per_message_but_the_first_and_the_end_at_once(loop_thread):
+    from meshserve.common.config import WorkerConfig
+    from meshserve.worker.server import start_worker
+    from support import in_process
+    from worker_client import generate_on_worker
+
+    config = WorkerConfig(host="127.0.0.1", port=0, threads=1, dtype="float32", stream_interval=4)
+    with in_process(loop_thread, start_worker(config)) as server, sync_channel(server.address) as channel:
+        chunks = generate_on_worker(channel, long_request(14))
+    sizes = [len(chunk.token_ids) for chunk in chunks]
+    assert sizes[0] == 1 and sum(sizes) == 14, sizes
+    assert all(size == 4 for size in sizes[1:-1]) and 1 <= sizes[-1] <= 4, sizes
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and chunks[-1].usage.completion_tokens == 14

@@ -100,6 +100,14 @@ class WorkerConfig(ServerConfig):
         default="auto",
         metadata=_help("auto (bfloat16 on the fast path and on CUDA, else float32), float32, bfloat16 or float16"),
     )
+    stream_interval: int = field(
+        default=1,
+        metadata=_help(
+            "tokens per message of each stream: 1 sends every token as soon as it is computed; N sends fewer "
+            "messages (less CPU per token on every hop) and each token up to N - 1 steps later; a stream's "
+            "first token and its end always go at once"
+        ),
+    )
 
 
 @dataclass

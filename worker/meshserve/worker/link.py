@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import propagate
@@ -33,11 +33,16 @@ OPEN_SEQUENCES_PER_SEAT = 4  # one stream may hold this many sequences per seat 
 class _Open:
     index: int
     trace: SequenceTrace
+    # Outputs held back under a stream interval above 1, and whether the sequence's first token went out.
+    held: list[SequenceOutput] = field(default_factory=list)
+    held_tokens: int = 0
+    started: bool = False
 
 
 class Link:
-    def __init__(self, engine: Engine, limits: ModelLimits, metrics: WorkerMetrics) -> None:
+    def __init__(self, engine: Engine, limits: ModelLimits, metrics: WorkerMetrics, stream_interval: int = 1) -> None:
         self.engine = engine
+        self.stream_interval = stream_interval
         self.limits = limits
         self.metrics = metrics
         self.client = EngineClient(engine, limits, OPEN_SEQUENCES_PER_SEAT * engine.max_num_seqs)
@@ -109,7 +114,13 @@ class Link:
             if opened is None:
                 continue
             opened.trace.tokens(len(output.token_ids))
-            event.outputs.add(sequence_id=key, chunk=stream_chunk(opened.index, output))
+            opened.held.append(output)
+            opened.held_tokens += len(output.token_ids)
+            ends = bool(output.error) or output.finish is not None
+            if ends or not opened.started or opened.held_tokens >= self.stream_interval:
+                event.outputs.add(sequence_id=key, chunk=stream_chunk(opened.index, opened.held))
+                opened.started = opened.started or opened.held_tokens > 0
+                opened.held, opened.held_tokens = [], 0
             if output.error:
                 opened.trace.failed(MeshError(grpc.StatusCode.INTERNAL, output.error))
                 self._end(key)

@@ -81,15 +81,26 @@ def sampling_options(request: common_pb2.TokenRequest, model: ModelLimits) -> Sa
     )
 
 
-def stream_chunk(index: int, output: SequenceOutput) -> common_pb2.StreamChunk:
-    chunk = common_pb2.StreamChunk(index=index, token_ids=output.token_ids, text=output.text)
-    if output.logprobs:
-        chunk.logprobs.extend(_logprob(lp) for lp in output.logprobs)
-    if output.error:
-        chunk.error.CopyFrom(MeshError(grpc.StatusCode.INTERNAL, output.error).error_status())
-    elif output.finish is not None:
-        chunk.finish_reason = output.finish
-        chunk.usage.CopyFrom(token_usage(output.prompt_tokens, output.completion_tokens, output.cached_prompt_tokens))
+def stream_chunk(index: int, outputs: list[SequenceOutput]) -> common_pb2.StreamChunk:
+    """One chunk for a sequence's outputs of one or more steps: their tokens, text and logprobs in order; the
+    finish (or error) and usage of the last."""
+    last = outputs[-1]
+    if len(outputs) == 1:
+        chunk = common_pb2.StreamChunk(index=index, token_ids=last.token_ids, text=last.text)
+    else:
+        chunk = common_pb2.StreamChunk(
+            index=index,
+            token_ids=[t for output in outputs for t in output.token_ids],
+            text="".join(output.text for output in outputs),
+        )
+    logprobs = [lp for output in outputs for lp in output.logprobs]
+    if logprobs:
+        chunk.logprobs.extend(_logprob(lp) for lp in logprobs)
+    if last.error:
+        chunk.error.CopyFrom(MeshError(grpc.StatusCode.INTERNAL, last.error).error_status())
+    elif last.finish is not None:
+        chunk.finish_reason = last.finish
+        chunk.usage.CopyFrom(token_usage(last.prompt_tokens, last.completion_tokens, last.cached_prompt_tokens))
     return chunk
 
 

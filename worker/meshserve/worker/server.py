@@ -65,8 +65,9 @@ class LoadedModel:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, metrics_registry: CollectorRegistry) -> None:
+    def __init__(self, metrics_registry: CollectorRegistry, stream_interval: int = 1) -> None:
         self.model: LoadedModel | None = None
+        self.stream_interval = stream_interval
         self.metrics = WorkerMetrics(metrics_registry, lambda: self.model.engine.load() if self.model else None)
 
     def _loaded(self) -> LoadedModel:
@@ -79,7 +80,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, commands: AsyncIterator[worker_pb2.LinkCommand], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.LinkEvent]:
         model = self._loaded()
-        async for event in Link(model.engine, model.limits, self.metrics).events(commands):
+        async for event in Link(model.engine, model.limits, self.metrics, self.stream_interval).events(commands):
             yield event
 
     @grpc_errors
@@ -97,8 +98,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 async def start_worker(config: WorkerConfig) -> RunningServer:
     """Starts serving at once (health NOT_SERVING), loads the model, then reports SERVING."""
+    if config.stream_interval < 1:
+        raise SystemExit(f"meshserve: --stream-interval must be at least 1 token, got {config.stream_interval}")
     registry = new_registry()
-    servicer = WorkerServicer(registry)
+    servicer = WorkerServicer(registry, config.stream_interval)
     running = await start_server(
         config.host,
         config.port,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -103,6 +104,7 @@ class RequestObserver:
         self.priority = "normal"
         self.started = time.monotonic()
         self.last_token: dict[int, float] = {}  # per completion index
+        self._inter_token: Any = None  # the inter-token histogram of its model and priority, once accepted
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reasons: list[str] = []
@@ -123,6 +125,8 @@ class RequestObserver:
         """The request was admitted as `request`: from here on it is labelled by model and priority."""
         self.model = model
         self.priority = priority_name(request.priority)
+        # Looked up once: every token observes it.
+        self._inter_token = self.metrics.inter_token_latency.labels(model, self.priority)
         self.prompt_tokens = len(request.prompt_token_ids)
         self.span.update_name(f"{self.operation} {model}")
         self.span.set_attributes(
@@ -148,17 +152,16 @@ class RequestObserver:
         if not count and not finish_reason:
             return
         now = time.monotonic()
-        labels = (self.model, self.priority)
         if count:
             if not self.last_token:
-                self.metrics.time_to_first_token.labels(*labels).observe(now - self.started)
+                self.metrics.time_to_first_token.labels(self.model, self.priority).observe(now - self.started)
                 self.span.add_event("first token")
             previous = self.last_token.get(index)
             # Per token, so the histogram counts tokens, not messages: a completion's first message starts its
             # clock, and tokens that came with its first one arrived with no wait.
             intervals, gap = (count - 1, 0.0) if previous is None else (count, (now - previous) / count)
             for _ in range(intervals):
-                self.metrics.inter_token_latency.labels(*labels).observe(gap)
+                self._inter_token.observe(gap)
             self.last_token[index] = now
             self.completion_tokens += count
         if finish_reason:

@@ -94,7 +94,7 @@ class WorkerPool:
                 found |= {w.address for w in self.workers if not w.removed}
         known = {w.address for w in self.workers}
         for address in sorted(found - known):
-            channel = aio_channel(address)
+            channel = aio_channel(address, traced=False)  # each submission carries its trace context
             worker = WorkerEndpoint(address, worker_pb2_grpc.WorkerStub(channel), channel)
             self.workers.append(worker)
             self._watchers[address] = asyncio.create_task(self._watch(worker))

@@ -10,9 +10,11 @@ import time
 import pytest
 
 from meshserve.common.channels import sync_channel
+from meshserve.common.config import WorkerConfig
 from meshserve.v1 import common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
-from support import WAIT_S, in_process_workers, workers_behind_a_router
-from worker_client import LinkClient
+from meshserve.worker.server import start_worker
+from support import WAIT_S, in_process, in_process_workers, workers_behind_a_router
+from worker_client import LinkClient, generate_on_worker
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +146,6 @@ def test_a_router_that_closes_its_side_cancels_what_it_left_open(worker):
 
 
 def test_a_stream_interval_sends_that_many_tokens_per_message_but_the_first_and_the_end_at_once(loop_thread):
-    from meshserve.common.config import WorkerConfig
-    from meshserve.worker.server import start_worker
-    from support import in_process
-    from worker_client import generate_on_worker
-
     config = WorkerConfig(host="127.0.0.1", port=0, threads=1, dtype="float32", stream_interval=4)
     with in_process(loop_thread, start_worker(config)) as server, sync_channel(server.address) as channel:
         chunks = generate_on_worker(channel, long_request(14))

@@ -153,3 +153,32 @@ def test_a_stream_interval_sends_that_many_tokens_per_message_but_the_first_and_
     assert sizes[0] == 1 and sum(sizes) == 14, sizes
     assert all(size == 4 for size in sizes[1:-1]) and 1 <= sizes[-1] <= 4, sizes
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and chunks[-1].usage.completion_tokens == 14
+
+
+def test_a_worker_that_goes_silent_mid_stream_is_left_and_the_stream_resumes_elsewhere(
+    loop_thread, cache_dir, tmp_path
+):
+    """SIGSTOP: the process lives and its connection stays open, but it sends nothing, not even its heartbeat."""
+    request = long_request(200, temperature=0.8, seed=9)
+    with workers_behind_a_router(loop_thread, 2, cache_dir, tmp_path) as mesh:
+        stub = mesh.router
+        reference = [t for c in stub.Generate(request, timeout=WAIT_S) for t in c.token_ids]
+        tokens: list[int] = []
+        frozen = None
+        try:
+            started = time.monotonic()
+            for chunk in stub.Generate(request, timeout=WAIT_S):
+                tokens.extend(chunk.token_ids)
+                if frozen is None and len(tokens) >= 10:
+                    stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+                    frozen = mesh.process(next(w.address for w in stats.workers if w.in_flight))
+                    frozen.send_signal(signal.SIGSTOP)
+            elapsed = time.monotonic() - started
+        finally:
+            if frozen is not None:
+                frozen.send_signal(signal.SIGCONT)
+        assert frozen is not None
+        assert tokens == reference
+        stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+        assert stats.failovers == 1
+        assert elapsed < 3.0 + 30, elapsed  # the silence (3 s) plus the rest of the stream, far from the deadline

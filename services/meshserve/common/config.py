@@ -128,6 +128,13 @@ class RouterConfig(ServerConfig):
         default=2, metadata=_help("how much busier the worker holding a prompt's prefix may be and still get it")
     )
     max_failovers: int = field(default=2, metadata=_help("workers a request may resume on after one fails"))
+    worker_silence_seconds: float = field(
+        default=3.0,
+        metadata=_help(
+            "a worker that sends nothing this long (it reports its load every second) is taken as gone: its "
+            "stream ends and its requests resume on others"
+        ),
+    )
 
 
 @dataclass

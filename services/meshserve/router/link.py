@@ -3,7 +3,9 @@ back on it, and the worker's load reports ride on it too.
 
 Each sequence's outputs land in its SequenceStream; a reader that was slow takes everything that piled
 up as one message. When the stream breaks, every sequence still open on it fails with UNAVAILABLE, so
-the router resumes each one elsewhere from the tokens it already relayed.
+the router resumes each one elsewhere from the tokens it already relayed. A worker that goes silent
+without closing the connection (a frozen process, a dropped network path) counts as broken: it reports
+its load at least once a second, so `silence_seconds` without any event ends the stream.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -21,6 +24,8 @@ from meshserve.common.stream_chunks import joined
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SILENCE_S = 3.0  # three of the worker's heartbeats
 
 
 class SequenceStream:
@@ -69,10 +74,17 @@ class SequenceStream:
 class WorkerLink:
     """One connection of the stream; when it ends, a new WorkerLink makes the next."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerStub, on_load: Callable[[worker_pb2.LoadReport], None]) -> None:
+    def __init__(
+        self,
+        stub: worker_pb2_grpc.WorkerStub,
+        on_load: Callable[[worker_pb2.LoadReport], None],
+        silence_seconds: float = DEFAULT_SILENCE_S,
+    ) -> None:
         self.stub = stub
         self.on_load = on_load
+        self.silence_seconds = silence_seconds
         self.open = False  # the worker answered and the stream has not broken
+        self.silent = False  # it was ended because the worker sent nothing for silence_seconds
         self._commands: asyncio.Queue[worker_pb2.LinkCommand | None] = asyncio.Queue()
         self._streams: dict[int, SequenceStream] = {}
         self._ids = itertools.count(1)
@@ -82,8 +94,11 @@ class WorkerLink:
         sequence still open on it fails with UNAVAILABLE."""
         call = self.stub.Connect(self._command_stream())
         why = "the worker closed the stream"
+        self._heard = time.monotonic()
+        watchdog = asyncio.create_task(self._end_if_silent(call))
         try:
             async for event in call:
+                self._heard = time.monotonic()
                 self.open = True
                 if event.HasField("load"):
                     self.on_load(event.load)
@@ -96,7 +111,14 @@ class WorkerLink:
         except grpc.aio.AioRpcError as exc:
             why = exc.details() or exc.code().name
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self.silent or (task is not None and task.cancelling()):
+                raise
+            why = f"the worker sent nothing for {self.silence_seconds:g} s"
+            log.warning("%s; its stream is ended and its sequences resume elsewhere", why)
         finally:
+            watchdog.cancel()
             self.open = False
             call.cancel()
             self._commands.put_nowait(None)
@@ -123,6 +145,14 @@ class WorkerLink:
         if self._streams.pop(sequence_id, None) is not None and self.open:
             cancel = worker_pb2.CancelSequence(sequence_id=sequence_id)
             self._commands.put_nowait(worker_pb2.LinkCommand(cancel=cancel))
+
+    async def _end_if_silent(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            await asyncio.sleep(self.silence_seconds / 4)
+            if time.monotonic() - self._heard > self.silence_seconds:
+                self.silent = True
+                call.cancel()
+                return
 
     async def _command_stream(self) -> AsyncIterator[worker_pb2.LinkCommand]:
         while (command := await self._commands.get()) is not None:

@@ -195,12 +195,18 @@ async def start_router(config: RouterConfig) -> RunningServer:
         sources = parse_sources(config.workers)
     except ValueError as exc:
         raise SystemExit(f"meshserve: {exc}") from exc
+    if config.worker_silence_seconds <= 1.0:  # workers report at least once a second (worker.proto)
+        raise SystemExit(
+            "meshserve: --worker-silence-seconds must be above 1 (a worker's heartbeat), "
+            f"got {config.worker_silence_seconds}"
+        )
     dispatcher: Dispatcher | None = None
     pool = WorkerPool(
         sources,
         on_change=lambda: dispatcher.wake() if dispatcher else None,
         affinity_slack=config.affinity_slack,
         refresh_seconds=config.discovery_seconds,
+        silence_seconds=config.worker_silence_seconds,
     )
     dispatcher = Dispatcher(RequestQueue(config.max_queued, config.aging_seconds), pool)
     registry = new_registry()

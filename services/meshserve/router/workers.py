@@ -12,7 +12,7 @@ import grpc
 
 from meshserve.common.channels import aio_channel
 from meshserve.router.discovery import Source
-from meshserve.router.link import WorkerLink
+from meshserve.router.link import DEFAULT_SILENCE_S, WorkerLink
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class WorkerPool:
         on_change: Callable[[], None],
         affinity_slack: int = 2,
         refresh_seconds: float = 10.0,
+        silence_seconds: float = DEFAULT_SILENCE_S,
     ) -> None:
         self.sources = sources
+        self.silence_seconds = silence_seconds
         self.workers: list[WorkerEndpoint] = []
         self.on_change = on_change
         self.affinity_slack = affinity_slack
@@ -123,7 +125,7 @@ class WorkerPool:
                         failures = 0
                     self.on_change()
 
-                worker.link = WorkerLink(worker.stub, on_load)
+                worker.link = WorkerLink(worker.stub, on_load, self.silence_seconds)
                 await worker.link.run()
             except grpc.aio.AioRpcError as exc:
                 if worker.connected:

@@ -3,9 +3,11 @@ frees only its own sequence, and a worker killed under several sequences of one 
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +184,35 @@ def test_a_worker_that_goes_silent_mid_stream_is_left_and_the_stream_resumes_els
         stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
         assert stats.failovers == 1
         assert elapsed < 3.0 + 30, elapsed  # the silence (3 s) plus the rest of the stream, far from the deadline
+
+
+def engine_process_of(worker_pid: int) -> int:
+    """The worker's engine process: its child that runs multiprocessing's spawn main (not the resource tracker)."""
+    # Per thread: the worker starts its engine from a thread of its own.
+    children = [
+        c for task in Path(f"/proc/{worker_pid}/task").iterdir() for c in (task / "children").read_text().split()
+    ]
+    for child in children:
+        command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in command:
+            return int(child)
+    raise AssertionError(f"worker {worker_pid} has no engine process among {children}")
+
+
+def test_a_worker_whose_engine_process_dies_stops_and_its_streams_resume_elsewhere(loop_thread, cache_dir, tmp_path):
+    request = long_request(300, temperature=0.7, seed=21)
+    with workers_behind_a_router(loop_thread, 2, cache_dir, tmp_path) as mesh:
+        stub = mesh.router
+        reference = [t for c in stub.Generate(request, timeout=WAIT_S) for t in c.token_ids]
+        tokens: list[int] = []
+        serving = None
+        for chunk in stub.Generate(request, timeout=WAIT_S):
+            tokens.extend(chunk.token_ids)
+            if serving is None and len(tokens) >= 10:
+                stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+                serving = mesh.process(next(w.address for w in stats.workers if w.in_flight))
+                os.kill(engine_process_of(serving.pid), signal.SIGKILL)
+        assert serving is not None
+        assert tokens == reference
+        # It cannot serve without its engine: it stops by itself, non-zero, for its supervisor to replace it.
+        assert serving.wait(WAIT_S) != 0

@@ -162,6 +162,8 @@ def _service_runner(
             finally:
                 if endpoint:
                     endpoint.close()
+            if running.failure:  # for its supervisor (Kubernetes, `meshserve up`) to start a new one
+                raise SystemExit(f"meshserve: {name} stopped: {running.failure}")
 
         try:
             asyncio.run(serve())

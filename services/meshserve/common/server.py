@@ -54,6 +54,8 @@ class RunningServer:
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Called when stopping begins, before the grace period (e.g. to report draining to subscribers).
     on_drain: list[Callable[[], None]] = field(default_factory=list)
+    # Why the service stopped itself (it cannot serve any more); its process then exits non-zero.
+    failure: str = ""
     _stopped: bool = False
 
     @property

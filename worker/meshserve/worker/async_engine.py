@@ -14,14 +14,13 @@ import grpc
 from meshserve.common.enums import served_priority
 from meshserve.common.errors import MeshError, invalid_argument, unavailable
 from meshserve.v1 import common_pb2
-from meshserve.worker.engine import Engine
+from meshserve.worker.engine_process import EngineProcess
 from meshserve.worker.protocol import ModelLimits, sampling_options
-from meshserve.worker.sampler import resumed_generator
 from meshserve.worker.sequence import Sequence, SequenceOutput
 
 
 class EngineClient:
-    def __init__(self, engine: Engine, limits: ModelLimits, max_open: int) -> None:
+    def __init__(self, engine: EngineProcess, limits: ModelLimits, max_open: int) -> None:
         self.engine = engine
         self.limits = limits
         self.max_open = max_open
@@ -54,17 +53,11 @@ class EngineClient:
             priority=served_priority(request.priority),
             deadline=time.monotonic() + timeout if timeout is not None else None,
         )
-        resumed = list(request.resume_token_ids)
-        if resumed:  # failover: continue after the tokens the caller already has
-            sequence.replay(resumed)
-            if sequence.finished:
-                raise invalid_argument([("resume_token_ids", "the sequence already ended within these tokens")])
-            if not options.greedy:
-                sequence.generator = resumed_generator(
-                    options.seed, len(resumed), self.limits.vocab_size, device=self.engine.runner.device
-                )
         try:
-            self.engine.submit(sequence)
+            # Failover: it continues after the tokens the caller already has.
+            self.engine.submit(sequence, list(request.resume_token_ids))
+        except ValueError as exc:
+            raise invalid_argument([("resume_token_ids", str(exc))]) from exc
         except RuntimeError as exc:
             raise unavailable(f"the worker is shutting down ({exc}); retry on another worker") from exc
         self._open[key] = sequence
@@ -74,8 +67,7 @@ class EngineClient:
         """Drops the sequence at the engine's next step; it sends nothing more."""
         sequence = self._open.pop(key, None)
         if sequence is not None and not sequence.finished:
-            sequence.request_cancel()
-            self.engine.wake()
+            self.engine.cancel(sequence)
         return sequence
 
     def close(self) -> None:

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,9 +23,10 @@ import torch
 from meshserve.common.enums import NUM_PRIORITY_VALUES
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.block_manager import BlockManager
+from meshserve.worker.engine_load import EngineLoad
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.output_processor import OutputProcessor, StepOutputs
-from meshserve.worker.sampler import sample
+from meshserve.worker.sampler import resumed_generator, sample
 from meshserve.worker.scheduler import ScheduledChunk, Scheduler
 from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput, TokenLogprob
 
@@ -35,30 +35,11 @@ log = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_S = 5.0
 
 
-@dataclass(frozen=True)
-class EngineLoad:
-    running_sequences: int
-    waiting_sequences: int
-    waiting_by_priority: tuple[int, ...]
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    sequences_finished: int
-    sequences_cancelled: int
-    generated_tokens: int
-    free_kv_blocks: int
-    total_kv_blocks: int
-    kv_block_size: int
-    tokens_per_second: float
-    prefix_cache_hit_rate: float
-    preemptions: int
-    draining: bool
-
-
 class Engine:
     def __init__(
         self,
         runner: ModelRunner,
-        tokenizer: ModelTokenizer,
+        tokenizer: ModelTokenizer | None,
         max_num_seqs: int,
         max_num_batched_tokens: int = 512,
         prefix_caching: bool = True,
@@ -128,12 +109,21 @@ class Engine:
             **kwargs,
         )
 
-    def submit(self, sequence: Sequence) -> None:
+    def submit(self, sequence: Sequence, resumed: list[int] | None = None) -> None:
+        """Queues the sequence for the next step. `resumed`: tokens it already produced elsewhere (failover),
+        taken without being emitted, its seeded generator advanced past them; ValueError if they end it."""
+        if resumed:
+            resume(sequence, resumed, self.runner.vocab_size, self.runner.device)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine is stopping")
             self._incoming.append(sequence)
             self._wake.notify()
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Thread-safe: the sequence leaves at the next step (at once when idle)."""
+        sequence.request_cancel()
+        self.wake()
 
     def wake(self) -> None:
         """Makes the loop look at cancellations now, even when idle."""
@@ -281,6 +271,28 @@ class Engine:
             preemptions=self.scheduler.preemptions,
             draining=self.draining,
         )
+
+
+def resume(sequence: Sequence, resumed: list[int], vocab_size: int, device: torch.device) -> None:
+    """Failover: the sequence takes the tokens its consumer already has, as if it had produced them (both
+    halves: ids and text); ValueError if they end it."""
+    sequence.replay(resumed)
+    if sequence.finished:
+        raise ValueError("the sequence already ended within these tokens")
+    _advance_generator(sequence, len(resumed), vocab_size, device)
+
+
+def resume_ids(sequence: Sequence, resumed: list[int], vocab_size: int, device: torch.device) -> None:
+    """The engine half of `resume`, for an engine whose sequences' text is kept elsewhere (engine_core)."""
+    for token_id in resumed:
+        if sequence.add_token_id(token_id) is not None:
+            break
+    _advance_generator(sequence, len(resumed), vocab_size, device)
+
+
+def _advance_generator(sequence: Sequence, draws: int, vocab_size: int, device: torch.device) -> None:
+    if not sequence.options.greedy:
+        sequence.generator = resumed_generator(sequence.options.seed, draws, vocab_size, device=device)
 
 
 def set_threads(threads: int) -> int:

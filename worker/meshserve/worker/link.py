@@ -16,7 +16,8 @@ from meshserve.common.errors import MeshError
 from meshserve.common.logs import current_request_id
 from meshserve.v1 import worker_pb2
 from meshserve.worker.async_engine import EngineClient
-from meshserve.worker.engine import Engine, EngineLoad
+from meshserve.worker.engine_load import EngineLoad
+from meshserve.worker.engine_process import EngineProcess
 from meshserve.worker.metrics import WorkerMetrics
 from meshserve.worker.protocol import ModelLimits, error_chunk, load_report, stream_chunk
 from meshserve.worker.sequence import Sequence, SequenceOutput
@@ -40,7 +41,9 @@ class _Open:
 
 
 class Link:
-    def __init__(self, engine: Engine, limits: ModelLimits, metrics: WorkerMetrics, stream_interval: int = 1) -> None:
+    def __init__(
+        self, engine: EngineProcess, limits: ModelLimits, metrics: WorkerMetrics, stream_interval: int = 1
+    ) -> None:
         self.engine = engine
         self.stream_interval = stream_interval
         self.limits = limits

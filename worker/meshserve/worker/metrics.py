@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from meshserve.common.metrics import BATCH_SIZE_BUCKETS, INTER_TOKEN_BUCKETS, LATENCY_BUCKETS
-from meshserve.worker.engine import EngineLoad
+from meshserve.worker.engine_load import EngineLoad
 
 
 class WorkerMetrics:

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshserve.worker.sequence import Finish, Sequence, SequenceOutput, TokenLogprob
@@ -40,10 +41,16 @@ class StepOutputs:
         return bool(self.sequences or self.ended)
 
 
+def _finish_here(sequence: Sequence, finish: Finish) -> None:
+    sequence.request_finish(finish)
+
+
 class OutputProcessor:
-    def __init__(self) -> None:
+    def __init__(self, end: Callable[[Sequence, Finish], None] = _finish_here) -> None:
+        """`end` stops a sequence the output side ended (a stop string, a failed consumer) where its engine runs."""
         self._steps: queue.SimpleQueue[StepOutputs | None] = queue.SimpleQueue()  # None: stop
         self._thread: threading.Thread | None = None
+        self._end = end
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine-outputs", daemon=True)
@@ -89,43 +96,44 @@ class OutputProcessor:
                     log.exception("the output of sequence %s failed", sequence.request_id)
                     output = sequence.end_output(Finish.ERROR, f"the worker failed: {type(exc).__name__}: {exc}")
                 if output.finish is not None and finish is None:  # the engine goes on computing it: stop it
-                    sequence.request_finish(output.finish)
-                _deliver(sequence, output, by_loop)
+                    self._end(sequence, output.finish)
+                _deliver(sequence, output, by_loop, self._end)
             for sequence, finish, error in step.ended:
                 if not sequence.output_finished:
-                    _deliver(sequence, sequence.end_output(finish, error), by_loop)
+                    _deliver(sequence, sequence.end_output(finish, error), by_loop, self._end)
         for loop, outputs in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_emit_all, outputs)
+                loop.call_soon_threadsafe(_emit_all, outputs, self._end)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 for sequence, _ in outputs:
-                    sequence.request_finish(Finish.CANCELLED)
+                    self._end(sequence, Finish.CANCELLED)
 
 
 def _deliver(
     sequence: Sequence,
     output: SequenceOutput,
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, SequenceOutput]]],
+    end: Callable[[Sequence, Finish], None],
 ) -> None:
     if sequence.loop is None:
-        _emit(sequence, output)
+        _emit(sequence, output, end)
     else:
         by_loop.setdefault(sequence.loop, []).append((sequence, output))
 
 
-def _emit_all(outputs: list[tuple[Sequence, SequenceOutput]]) -> None:
+def _emit_all(outputs: list[tuple[Sequence, SequenceOutput]], end: Callable[[Sequence, Finish], None]) -> None:
     """On the loop: every output that was ready for its streams."""
     for sequence, output in outputs:
-        _emit(sequence, output)
+        _emit(sequence, output, end)
 
 
-def _emit(sequence: Sequence, output: SequenceOutput) -> None:
+def _emit(sequence: Sequence, output: SequenceOutput, end: Callable[[Sequence, Finish], None]) -> None:
     """A consumer that raises ends its own sequence (ERROR), and only that one."""
     try:
         sequence.emit(output)
     except Exception as exc:
         log.exception("the consumer of sequence %s failed", sequence.request_id)
-        sequence.request_finish(Finish.ERROR)
+        end(sequence, Finish.ERROR)
         failed = dataclasses.replace(
             output,
             token_ids=[],

@@ -11,7 +11,7 @@ from meshserve.common.errors import MeshError, invalid_argument
 from meshserve.common.sampling import max_tokens_or_default, sampling_violations, token_id_violations
 from meshserve.common.usage import token_usage
 from meshserve.v1 import common_pb2, worker_pb2
-from meshserve.worker.engine import EngineLoad
+from meshserve.worker.engine_load import EngineLoad
 from meshserve.worker.sequence import SamplingOptions, SequenceOutput, TokenLogprob
 
 

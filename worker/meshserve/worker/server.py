@@ -18,10 +18,10 @@ from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.tokenizer import ModelTokenizer, read_tokenizer_files
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from meshserve.worker.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
-from meshserve.worker.engine import Engine, set_threads
+from meshserve.worker.engine_core import EngineSpec
+from meshserve.worker.engine_process import EngineProcess
 from meshserve.worker.link import Link
 from meshserve.worker.metrics import WorkerMetrics
-from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.protocol import ModelLimits, load_report
 
 log = logging.getLogger(__name__)
@@ -31,35 +31,32 @@ class LoadedModel:
     def __init__(self, model_dir: Path, name: str, config: WorkerConfig) -> None:
         self.dir = model_dir
         self.name = name
-        self.runner = ModelRunner(
-            model_dir,
-            config.dtype,
-            block_size=config.block_size,
-            kv_cache_memory=config.kv_cache_memory,
-            kernels=config.kernels,
-            model_impl=config.model_impl,
-            compile=config.compile,
-            max_batch=config.max_num_seqs,
-        )
-        seconds = self.runner.warm_up(lambda line: log.info("%s", line))
-        if seconds:
-            log.info("the decode step compiled in %.1f s (cached for the next start)", seconds)
         self.tokenizer = ModelTokenizer.from_dir(model_dir)
-        self.engine = Engine(
-            self.runner,
-            self.tokenizer,
+        spec = EngineSpec(
+            str(model_dir),
+            config.dtype,
+            config.block_size,
+            config.kv_cache_memory,
+            config.kernels,
+            config.model_impl,
+            config.compile,
             config.max_num_seqs,
             config.max_num_batched_tokens,
-            prefix_caching=config.prefix_caching,
+            config.prefix_caching,
+            config.threads,
         )
+        self.engine = EngineProcess(spec, self.tokenizer)
+        self.facts = self.engine.start(lambda line: log.info("%s", line))
+        if self.facts.compile_seconds:
+            log.info("the decode step compiled in %.1f s (cached for the next start)", self.facts.compile_seconds)
         self.limits = ModelLimits(
-            name, self.runner.vocab_size, self.runner.max_context_length, self.runner.kv.capacity_tokens
+            name, self.facts.vocab_size, self.facts.max_context_length, self.facts.kv_capacity_tokens
         )
         self.info = common_pb2.ModelInfo(
             name=name,
-            max_context_length=self.runner.max_context_length,
-            vocab_size=self.runner.vocab_size,
-            eos_token_ids=sorted(self.runner.eos_token_ids),
+            max_context_length=self.facts.max_context_length,
+            vocab_size=self.facts.vocab_size,
+            eos_token_ids=sorted(self.facts.eos_token_ids),
             tokenizer_files=read_tokenizer_files(model_dir),
         )
 
@@ -109,7 +106,6 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
         serving=False,
         metrics=registry,
     )
-    threads = set_threads(config.threads)
     model_dir = Path(config.model) if config.model else await asyncio.to_thread(ensure_builtin_model)
     if not (model_dir / "config.json").exists():
         await running.stop(0)
@@ -122,7 +118,13 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
         raise SystemExit(f"meshserve: {exc}") from exc
     servicer.model = model
     model.engine.on_step = servicer.metrics.batch_size.observe
-    model.engine.start()
+    loop = asyncio.get_running_loop()
+
+    def engine_died() -> None:  # on the engine's receiver thread
+        # Nothing here can serve: not serving, and the process ends so its supervisor starts a new one.
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_fail(running)))
+
+    model.engine.on_death = engine_died
     running.on_drain.append(model.engine.start_draining)
 
     async def stop_engine() -> None:
@@ -130,6 +132,20 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
 
     running.on_stop.append(stop_engine)
     await running.set_serving(True)
-    runner = model.runner
-    log.info("worker loaded %s from %s (%s path, %s, %d threads)", name, model_dir, runner.impl, runner.dtype, threads)
+    facts = model.facts
+    log.info(
+        "worker loaded %s from %s (%s path, %s on %s, %d threads, the engine in its own process)",
+        name,
+        model_dir,
+        facts.impl,
+        facts.dtype,
+        facts.device,
+        facts.threads,
+    )
     return running
+
+
+async def _fail(running: RunningServer) -> None:
+    running.failure = "the worker's engine process died"
+    log.error("stopping: %s", running.failure)
+    await running.stop(0)

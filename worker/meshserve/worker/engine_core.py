@@ -210,7 +210,10 @@ def _apply_commands(engine: Engine, runner: ModelRunner, sender: _StepSender, co
                 resume_ids(sequence, add.resumed, runner.vocab_size, runner.device)
             sequences[add.key] = sequence
             sender.keys[id(sequence)] = add.key
-            engine.submit(sequence)
+            try:
+                engine.submit(sequence)
+            except RuntimeError:  # stopping: the stop that follows ends it with the rest
+                sender.keys.pop(id(sequence), None)
         elif kind in ("cancel", "finish"):
             sequence = sequences.get(command[1])
             if sequence is not None:

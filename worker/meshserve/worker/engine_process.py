@@ -43,6 +43,8 @@ class EngineProcess:
         self._open: dict[int, Sequence] = {}  # key -> server half, until its end came back
         self._key_of: dict[int, int] = {}  # id(sequence) -> key
         self._lock = threading.Lock()  # the open maps: the event loop adds, the receiver removes
+        # Commands come from the event loop and the output thread; a long one is written in two parts.
+        self._send_lock = threading.Lock()
         self._load: EngineLoad | None = None
         self._stopping = False
         self._process: Any = None
@@ -166,7 +168,8 @@ class EngineProcess:
 
     def _send(self, command: tuple) -> None:
         try:
-            self._commands.send(command)
+            with self._send_lock:
+                self._commands.send(command)
         except (OSError, ValueError):  # the engine process is gone: the receiver ends every sequence
             pass
 

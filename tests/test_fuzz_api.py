@@ -184,6 +184,7 @@ def test_a_giant_body_is_413_before_it_is_read(gateway):
     connection = gateway.connection(timeout=10)
     try:
         connection.putrequest("POST", "/v1/completions")
+        connection.putheader("Content-Type", "application/json")
         connection.putheader("Content-Length", str(10**12))
         connection.endheaders(b'{"prompt": ')
         response = connection.getresponse()

@@ -36,7 +36,7 @@ from meshserve.gateway.http_openai import (
 )
 from meshserve.gateway.infer import Infer
 from meshserve.gateway.metrics import RequestObserver
-from meshserve.gateway.openai_errors import ERROR_TYPES, BodyTooLarge, error_body
+from meshserve.gateway.openai_errors import ERROR_TYPES, BodyTooLarge, UnsupportedMediaType, error_body
 from meshserve.gateway.openai_responses import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,12 @@ class OpenAIApi:
             return response
 
     async def _body(self, request: web.Request) -> bytes:
+        if request.content_type != "application/json":
+            declared = request.headers.get("Content-Type", "")[:100] or "none"
+            raise UnsupportedMediaType(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Content-Type: the body must be sent as application/json, got {declared!r}",
+            )
         limit = self.config.http_max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(request.content_length, limit)

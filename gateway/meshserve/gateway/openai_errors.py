@@ -57,10 +57,24 @@ SHOWS_VALUE = {"greater_than_equal", "less_than_equal", "finite_number", "litera
                "prompt_type"}  # fmt: skip
 
 
-class BodyTooLarge(MeshError):
-    """HTTP's own failure (413): gRPC has no such status, its message size limit is RESOURCE_EXHAUSTED."""
+class HttpError(MeshError):
+    """A failure of HTTP's own, with its HTTP status: gRPC has no such status."""
+
+    http_status = 400
+
+
+class BodyTooLarge(HttpError):
+    """413 (gRPC's message size limit is RESOURCE_EXHAUSTED)."""
 
     http_status = 413
+
+
+class UnsupportedMediaType(HttpError):
+    """415: a body that is not declared JSON. A browser sends a cross-site form or text/plain POST without
+    asking the server first (a CORS "simple" request); refusing those keeps any web page a developer opens
+    from driving a mesh on their machine."""
+
+    http_status = 415
 
 
 def request_violations(error: ValidationError, model: type[BaseModel]) -> list[Violation]:
@@ -156,7 +170,7 @@ def caller_text(description: str, body: OpenAIRequestBody | None) -> str:
 
 def error_body(error: MeshError, body: OpenAIRequestBody | None) -> tuple[int, ErrorResponse]:
     """OpenAI's error shape and HTTP status for a MeshError."""
-    status = BodyTooLarge.http_status if isinstance(error, BodyTooLarge) else HTTP_STATUS.get(error.code, 500)
+    status = error.http_status if isinstance(error, HttpError) else HTTP_STATUS.get(error.code, 500)
     violations = [
         (caller_name(v.field, body), caller_text(v.description, body))
         for detail in error.details

@@ -17,6 +17,7 @@ from meshserve.common.tokenizer import ChatTemplateError
 from meshserve.v1 import aggregator_pb2, common_pb2, inference_pb2
 
 MAX_PROMPT_BYTES = 4 * 1024 * 1024
+MAX_MESSAGES = 4096  # a conversation's turns; far above any context, far below what would stall the loop
 FAN_OUT_INPUTS = ("batch", "map_reduce")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
@@ -186,6 +187,9 @@ def _prompt_ids(
         messages = request.messages.messages
         if not messages:
             violations.append((f"{prefix}messages", "must hold at least one message"))
+            return []
+        if len(messages) > MAX_MESSAGES:  # counted before any is looked at
+            violations.append((f"{prefix}messages", f"must hold at most {MAX_MESSAGES} messages, got {len(messages)}"))
             return []
         bad_roles = [i for i, message in enumerate(messages) if not message.role]
         for i in bad_roles:

@@ -73,12 +73,16 @@ def sampling_violations(
         violations.append(("sampling.top_logprobs", "needs sampling.logprobs set"))
     if len(sampling.stop) > MAX_STOP_STRINGS:
         violations.append(("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
-    for i, stop in enumerate(sampling.stop):
-        if not 1 <= len(stop) <= MAX_STOP_LENGTH:
-            violations.append((f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters"))
-    for i, token_id in enumerate(sampling.stop_token_ids):
-        if token_id >= vocab_size:
-            violations.append((f"sampling.stop_token_ids[{i}]", f"must be below {vocab_size}"))
+    else:
+        for i, stop in enumerate(sampling.stop):
+            if not 1 <= len(stop) <= MAX_STOP_LENGTH:
+                violations.append((f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters"))
+    if len(sampling.stop_token_ids) > vocab_size:  # counted before any is looked at
+        violations.append(("sampling.stop_token_ids", f"at most {vocab_size} ids, one per token of the vocabulary"))
+    else:
+        for i, token_id in enumerate(sampling.stop_token_ids):
+            if token_id >= vocab_size:
+                violations.append((f"sampling.stop_token_ids[{i}]", f"must be below {vocab_size}"))
     return violations
 
 

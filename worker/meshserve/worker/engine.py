@@ -28,7 +28,14 @@ from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.output_processor import OutputProcessor, StepOutputs
 from meshserve.worker.sampler import resumed_generator, sample
 from meshserve.worker.scheduler import ScheduledChunk, Scheduler
-from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput, TokenLogprob
+from meshserve.worker.sequence import (
+    Finish,
+    SamplingOptions,
+    Sequence,
+    SequenceOutput,
+    TokenLogprob,
+    model_sequence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +101,13 @@ class Engine:
         emit: Callable[[SequenceOutput], None],
         **kwargs: Any,
     ) -> Sequence:
-        """A sequence for this engine's model (eos ids, context, detokeniser); kwargs: priority, deadline, loop
-        (the event loop `emit` must run on; without one it runs on the output processor's thread)."""
-        return Sequence(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            options=options,
-            detokenizer=self.tokenizer.detokenizer(
-                prompt_ids, options.skip_special_tokens, options.spaces_between_special_tokens
-            ),
-            eos_token_ids=self.runner.eos_token_ids,
-            max_context_length=self.runner.max_context_length,
-            emit=emit,
+        """A sequence for this engine's model (sequence.model_sequence)."""
+        assert self.tokenizer is not None, "an engine without a tokenizer runs sequences made elsewhere"
+        runner = self.runner
+        return model_sequence(
+            self.tokenizer, runner.eos_token_ids, runner.max_context_length, request_id, prompt_ids, options, emit,
             **kwargs,
-        )
+        )  # fmt: skip
 
     def submit(self, sequence: Sequence, resumed: list[int] | None = None) -> None:
         """Queues the sequence for the next step. `resumed`: tokens it already produced elsewhere (failover),

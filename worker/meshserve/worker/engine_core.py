@@ -89,6 +89,8 @@ class _StepSender:
         self.engine = engine
         self.send = send
         self.keys: dict[int, int] = {}  # id(sequence) -> key
+        # key -> sequence, until its end was sent (added by the command thread, dropped on the engine thread)
+        self.sequences: dict[int, Sequence] = {}
         self._cached_told: set[int] = set()
         self._batch = 0
 
@@ -121,6 +123,7 @@ class _StepSender:
 
     def _forget(self, sequence: Sequence) -> None:
         key = self.keys.pop(id(sequence), None)
+        self.sequences.pop(key, None)
         self._cached_told.discard(key)
 
 
@@ -184,7 +187,7 @@ def run_engine_core(spec: EngineSpec, commands: Connection, outputs: Connection)
 
 
 def _apply_commands(engine: Engine, runner: ModelRunner, sender: _StepSender, commands: Connection, send) -> None:
-    sequences: dict[int, Sequence] = {}
+    sequences = sender.sequences
     while True:
         try:
             command = commands.recv()
@@ -214,6 +217,7 @@ def _apply_commands(engine: Engine, runner: ModelRunner, sender: _StepSender, co
                 engine.submit(sequence)
             except RuntimeError:  # stopping: the stop that follows ends it with the rest
                 sender.keys.pop(id(sequence), None)
+                sequences.pop(add.key, None)
         elif kind in ("cancel", "finish"):
             sequence = sequences.get(command[1])
             if sequence is not None:
@@ -229,6 +233,3 @@ def _apply_commands(engine: Engine, runner: ModelRunner, sender: _StepSender, co
             engine.stop()
             send(("stopped",))
             return
-        # A sequence's entry goes once its end was sent; the keys are the server's and never reused.
-        for key in [k for k, s in sequences.items() if s.finished]:
-            del sequences[key]

@@ -23,7 +23,7 @@ from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.engine_core import AddSequence, EngineFacts, EngineSpec, StepMessage, run_engine_core
 from meshserve.worker.engine_load import EngineLoad
 from meshserve.worker.output_processor import OutputProcessor, StepOutputs
-from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput
+from meshserve.worker.sequence import Finish, SamplingOptions, Sequence, SequenceOutput, model_sequence
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +98,13 @@ class EngineProcess:
         emit: Callable[[SequenceOutput], None],
         **kwargs: Any,
     ) -> Sequence:
-        """The server half of a sequence (as Engine.new_sequence); kwargs: priority, deadline, loop."""
+        """The server half of a sequence (sequence.model_sequence): its engine half is made in the engine process."""
         assert self.facts is not None
-        return Sequence(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            options=options,
-            detokenizer=self.tokenizer.detokenizer(
-                prompt_ids, options.skip_special_tokens, options.spaces_between_special_tokens
-            ),
-            eos_token_ids=self.facts.eos_token_ids,
-            max_context_length=self.facts.max_context_length,
-            emit=emit,
+        facts = self.facts
+        return model_sequence(
+            self.tokenizer, facts.eos_token_ids, facts.max_context_length, request_id, prompt_ids, options, emit,
             **kwargs,
-        )
+        )  # fmt: skip
 
     def submit(self, sequence: Sequence, resumed: list[int] | None = None) -> None:
         """Sends the sequence to the engine. `resumed` as Engine.submit: ValueError if those tokens end it."""

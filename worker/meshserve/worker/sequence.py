@@ -18,7 +18,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshserve.common.tokenizer import IncrementalDetokenizer
+from meshserve.common.tokenizer import IncrementalDetokenizer, ModelTokenizer
 from meshserve.v1 import common_pb2
 
 _arrivals = itertools.count()
@@ -287,3 +287,29 @@ def _longest_stop_prefix_suffix(text: str, stops: Seq[str]) -> int:
                 longest = length
                 break
     return longest
+
+
+def model_sequence(
+    tokenizer: ModelTokenizer,
+    eos_token_ids: frozenset[int],
+    max_context_length: int,
+    request_id: str,
+    prompt_ids: list[int],
+    options: SamplingOptions,
+    emit: Callable[[SequenceOutput], None],
+    **kwargs: Any,
+) -> Sequence:
+    """A sequence of one model (its eos ids, its context, a detokeniser of its tokenizer); kwargs: priority,
+    deadline, loop (the event loop `emit` must run on; without one it runs on the output processor's thread)."""
+    return Sequence(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        options=options,
+        detokenizer=tokenizer.detokenizer(
+            prompt_ids, options.skip_special_tokens, options.spaces_between_special_tokens
+        ),
+        eos_token_ids=eos_token_ids,
+        max_context_length=max_context_length,
+        emit=emit,
+        **kwargs,
+    )

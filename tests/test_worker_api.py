@@ -9,7 +9,7 @@ import pytest
 
 from meshserve.common.errors import MeshError, bad_request_fields
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from worker_client import generate_on_worker
+from worker_client import generate_on_worker, violated_fields
 
 
 def test_logprobs_and_top_alternatives_reach_the_caller(mesh):
@@ -146,3 +146,35 @@ def test_a_resumed_sequence_continues_exactly_where_it_stopped(mesh, temperature
     chunks = generate_on_worker(channel, resumed)
     assert [t for chunk in chunks for t in chunk.token_ids] == full[8:]
     assert chunks[-1].usage.completion_tokens == 20
+
+
+def test_a_resume_with_every_token_gets_the_end_it_missed(mesh):
+    """A worker died after sending a stream's last token and before its end: the resumed sequence on the
+    next worker ends normally (finish, usage, the text held back), never with an error."""
+    channel = mesh.channel(mesh.worker)
+    prompt = [5, 6, 7, 8, 9]
+    greedy = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    first = generate_on_worker(channel, common_pb2.TokenRequest(prompt_token_ids=prompt, sampling=greedy))
+    tokens = [t for chunk in first for t in chunk.token_ids]
+    text = "".join(chunk.text for chunk in first)
+    # Every token, and a stop string held back the last one's text: the end must bring it.
+    held = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop=[text[-1] + "\u2603"])
+    for sampling in (greedy, held):
+        resumed = common_pb2.TokenRequest(prompt_token_ids=prompt, sampling=sampling, resume_token_ids=tokens)
+        chunks = generate_on_worker(channel, resumed)
+        assert [t for chunk in chunks for t in chunk.token_ids] == []
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 6)
+    assert "".join(c.text for c in chunks) == text[-1], "the held-back text arrives with the end"
+    # A stop token among the resumed tokens: the stream stops there, as it would have.
+    stops = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=[999])
+    resumed = common_pb2.TokenRequest(prompt_token_ids=prompt, sampling=stops, resume_token_ids=[*tokens[:2], 999])
+    chunks = generate_on_worker(channel, resumed)
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    assert chunks[-1].usage.completion_tokens == 3
+    # More tokens than the request allows is no failover but a lie: refused, naming the field.
+    lie = common_pb2.TokenRequest(prompt_token_ids=prompt, sampling=greedy, resume_token_ids=[*tokens, tokens[0]])
+    with pytest.raises(MeshError) as caught:
+        generate_on_worker(channel, lie)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == ["resume_token_ids"]

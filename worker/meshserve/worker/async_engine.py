@@ -55,12 +55,12 @@ class EngineClient:
         )
         try:
             # Failover: it continues after the tokens the caller already has.
-            self.engine.submit(sequence, list(request.resume_token_ids))
-        except ValueError as exc:
-            raise invalid_argument([("resume_token_ids", str(exc))]) from exc
+            ended = self.engine.submit(sequence, list(request.resume_token_ids))
         except RuntimeError as exc:
             raise unavailable(f"the worker is shutting down ({exc}); retry on another worker") from exc
         self._open[key] = sequence
+        if ended is not None:  # those tokens were all of it: the caller gets the end it missed
+            self._emit(key, ended)
         return sequence
 
     def cancel(self, key: int) -> Sequence | None:

@@ -109,16 +109,21 @@ class Engine:
             **kwargs,
         )  # fmt: skip
 
-    def submit(self, sequence: Sequence, resumed: list[int] | None = None) -> None:
+    def submit(self, sequence: Sequence, resumed: list[int] | None = None) -> SequenceOutput | None:
         """Queues the sequence for the next step. `resumed`: tokens it already produced elsewhere (failover),
-        taken without being emitted, its seeded generator advanced past them; ValueError if they end it."""
+        taken without being emitted, its seeded generator advanced past them. When they already end it,
+        nothing is queued and its last output is returned for the caller to deliver."""
         if resumed:
-            resume(sequence, resumed, self.runner.vocab_size, self.runner.device)
+            ended = sequence.replay(resumed)
+            if ended is not None:
+                return ended
+            _advance_generator(sequence, len(resumed), self.runner.vocab_size, self.runner.device)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine is stopping")
             self._incoming.append(sequence)
             self._wake.notify()
+        return None
 
     def cancel(self, sequence: Sequence) -> None:
         """Thread-safe: the sequence leaves at the next step (at once when idle)."""
@@ -271,15 +276,6 @@ class Engine:
             preemptions=self.scheduler.preemptions,
             draining=self.draining,
         )
-
-
-def resume(sequence: Sequence, resumed: list[int], vocab_size: int, device: torch.device) -> None:
-    """Failover: the sequence takes the tokens its consumer already has, as if it had produced them (both
-    halves: ids and text); ValueError if they end it."""
-    sequence.replay(resumed)
-    if sequence.finished:
-        raise ValueError("the sequence already ended within these tokens")
-    _advance_generator(sequence, len(resumed), vocab_size, device)
 
 
 def resume_ids(sequence: Sequence, resumed: list[int], vocab_size: int, device: torch.device) -> None:

@@ -106,14 +106,15 @@ class EngineProcess:
             **kwargs,
         )  # fmt: skip
 
-    def submit(self, sequence: Sequence, resumed: list[int] | None = None) -> None:
-        """Sends the sequence to the engine. `resumed` as Engine.submit: ValueError if those tokens end it."""
+    def submit(self, sequence: Sequence, resumed: list[int] | None = None) -> SequenceOutput | None:
+        """Sends the sequence to the engine. `resumed` as Engine.submit: when those tokens already end it,
+        nothing is sent and its last output is returned."""
         if self._stopping or self._dead:
             raise RuntimeError("the engine is stopping")
         if resumed:
-            sequence.replay(resumed)  # the text half here; the engine process replays the ids
-            if sequence.finished:
-                raise ValueError("the sequence already ended within these tokens")
+            ended = sequence.replay(resumed)  # the text half here; the engine process replays the ids
+            if ended is not None:
+                return ended
         key = next(self._keys)
         with self._lock:
             self._open[key] = sequence
@@ -123,6 +124,7 @@ class EngineProcess:
             list(resumed or ()),
         )  # fmt: skip
         self._send(("add", add))
+        return None
 
     def cancel(self, sequence: Sequence) -> None:
         sequence.request_cancel()

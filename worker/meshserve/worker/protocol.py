@@ -39,10 +39,11 @@ def sampling_options(request: common_pb2.TokenRequest, model: ModelLimits) -> Sa
     resumed = request.resume_token_ids
     if resumed:
         violations += token_id_violations("resume_token_ids", resumed, model.vocab_size)
-        if sampling.HasField("max_tokens") and len(resumed) >= sampling.max_tokens:
-            violations.append(("resume_token_ids", f"{len(resumed)} tokens leave none of max_tokens to generate"))
-        if len(prompt) + len(resumed) >= context:
-            violations.append(("resume_token_ids", "prompt + resumed tokens leave no room in the context"))
+        # As many as max_tokens is an end the first worker never sent (replay finishes it); more is a lie.
+        if sampling.HasField("max_tokens") and len(resumed) > sampling.max_tokens:
+            violations.append(("resume_token_ids", f"{len(resumed)} tokens are more than max_tokens"))
+        if len(prompt) + len(resumed) > context:
+            violations.append(("resume_token_ids", f"prompt + resumed tokens exceed the context of {context}"))
     if request.priority not in common_pb2.Priority.values():
         violations.append(("priority", f"unknown priority {request.priority}"))
     if violations:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshserve.common.tokenizer import IncrementalDetokenizer, ModelTokenizer
@@ -239,13 +239,25 @@ class Sequence:
         """Both halves at once on the caller's thread, and emits what is new (a sequence no engine runs)."""
         self.emit(self._append_both(token_id, logprob))
 
-    def replay(self, token_ids: Seq[int]) -> None:
+    def replay(self, token_ids: Seq[int]) -> SequenceOutput | None:
         """Takes tokens the consumer already has (failover) without emitting them, so the detokeniser and
-        the text held back as a possible stop-string start are as if this sequence had produced them."""
+        the text held back as a possible stop-string start are as if this sequence had produced them.
+
+        When these tokens already end the sequence (its first worker died after sending its last token but
+        before its end), returns that end instead: the finish, the usage and the text the consumer was never
+        sent, so the stream still ends normally."""
         for token_id in token_ids:
-            self._append_both(token_id)
-            if self.finished:
-                return
+            finish = self.add_token_id(token_id)
+            # As the consumer got it: every one of these tokens came without an end.
+            output = self.text_output(token_id, None)
+            if output.finish is not None:  # a stop string: the text before it is the consumer's last
+                self.finish = output.finish
+                return replace(output, token_ids=[], logprobs=[])
+            if finish is not None:
+                held, self._held_text = self._held_text, ""
+                self._output_finish = finish
+                return self._output([], held)
+        return None
 
     def _append_both(self, token_id: int, logprob: TokenLogprob | None = None) -> SequenceOutput:
         output = self.text_output(token_id, self.add_token_id(token_id), logprob)

@@ -216,3 +216,27 @@ def test_a_worker_whose_engine_process_dies_stops_and_its_streams_resume_elsewhe
         assert tokens == reference
         # It cannot serve without its engine: it stops by itself, non-zero, for its supervisor to replace it.
         assert serving.wait(WAIT_S) != 0
+
+
+def test_a_worker_whose_engine_wedges_stops_and_its_streams_resume_elsewhere(loop_thread, cache_dir, tmp_path):
+    """The engine process lives but makes no step (SIGSTOP): after --engine-stall-seconds the worker ends it,
+    stops serving and exits non-zero; the router resumes the stream on the other worker exactly."""
+    request = long_request(300, temperature=0.7, seed=23)
+    stall = {"MESHSERVE_ENGINE_STALL_SECONDS": "2"}
+    with workers_behind_a_router(loop_thread, 2, cache_dir, tmp_path, env=stall) as mesh:
+        stub = mesh.router
+        reference = [t for c in stub.Generate(request, timeout=WAIT_S) for t in c.token_ids]
+        tokens: list[int] = []
+        serving = None
+        for chunk in stub.Generate(request, timeout=WAIT_S):
+            tokens.extend(chunk.token_ids)
+            if serving is None and len(tokens) >= 10:
+                stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+                address = next(w.address for w in stats.workers if w.in_flight)
+                serving = mesh.process(address)
+                os.kill(engine_process_of(serving.pid), signal.SIGSTOP)
+        assert serving is not None
+        assert tokens == reference
+        assert serving.wait(WAIT_S) != 0
+        assert "it is wedged" in mesh.log(address)
+        assert stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).failovers == 1

@@ -108,6 +108,13 @@ class WorkerConfig(ServerConfig):
             "first token and its end always go at once"
         ),
     )
+    engine_stall_seconds: float = field(
+        default=60.0,
+        metadata=_help(
+            "with sequences in the engine and no step for this long, the engine is wedged: the worker stops "
+            "serving and exits non-zero, so its supervisor replaces it and routers resume its sequences (0: never)"
+        ),
+    )
 
 
 @dataclass

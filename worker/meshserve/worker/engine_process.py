@@ -16,6 +16,7 @@ import itertools
 import logging
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,9 +32,12 @@ STOP_TIMEOUT_S = 30.0
 
 
 class EngineProcess:
-    def __init__(self, spec: EngineSpec, tokenizer: ModelTokenizer) -> None:
+    def __init__(self, spec: EngineSpec, tokenizer: ModelTokenizer, stall_seconds: float = 0.0) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
+        # With sequences open and no step for this long the engine is wedged (0: never judged so).
+        self.stall_seconds = stall_seconds
+        self.stalled = False
         self.facts: EngineFacts | None = None
         self.draining = False
         self.on_step: Callable[[int], None] | None = None
@@ -49,6 +53,7 @@ class EngineProcess:
         self._stopping = False
         self._process: Any = None
         self._receiver: threading.Thread | None = None
+        self._progress_at = time.monotonic()  # the last step, or the first sequence after an idle spell
 
     def start(self, progress: Callable[[str], None] = log.info) -> EngineFacts:
         """Starts the engine process and waits until its model is loaded and compiled (blocking)."""
@@ -83,6 +88,8 @@ class EngineProcess:
         self.outputs.start()
         self._receiver = threading.Thread(target=self._receive, name="engine-receiver", daemon=True)
         self._receiver.start()
+        if self.stall_seconds > 0:
+            threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
         return self.facts
 
     @property
@@ -117,6 +124,8 @@ class EngineProcess:
                 return ended
         key = next(self._keys)
         with self._lock:
+            if not self._open:
+                self._progress_at = time.monotonic()  # idle until now: the stall clock starts here
             self._open[key] = sequence
             self._key_of[id(sequence)] = key
         add = AddSequence(
@@ -183,6 +192,7 @@ class EngineProcess:
                 break
             if message[0] == "stopped":
                 break
+            self._progress_at = time.monotonic()
             step: StepMessage = message[1]
             if step.load is not None:
                 self._load = step.load
@@ -192,7 +202,8 @@ class EngineProcess:
         if self._stopping:
             self._end_all(Finish.CANCELLED, "")
             return
-        log.error("the engine process died (exit code %s); the worker cannot serve", self._process.exitcode)
+        if not self.stalled:
+            log.error("the engine process died (exit code %s); the worker cannot serve", self._process.exitcode)
         self.draining = True
         if self.on_death is not None:
             # The worker stops at once: its streams break, and their routers resume every sequence elsewhere
@@ -200,6 +211,25 @@ class EngineProcess:
             self.on_death()
         else:
             self._end_all(Finish.ERROR, "the worker's engine failed; retry on another worker")
+
+    def _watch(self) -> None:
+        """A wedged engine (a hung kernel, a deadlock, a frozen process) is ended, so that it fails as a dead
+        one does: its health and its streams would otherwise wait on it forever."""
+        period = min(1.0, self.stall_seconds / 4)
+        while not self._stopping and not self._dead:
+            time.sleep(period)
+            with self._lock:
+                open_sequences = len(self._open)
+                quiet = time.monotonic() - self._progress_at
+            if open_sequences and quiet > self.stall_seconds and not self._stopping:
+                self.stalled = True
+                log.error(
+                    "the engine made no step for %.1f s with %d sequences in it (--engine-stall-seconds %g): "
+                    "it is wedged; ending it, the worker cannot serve",
+                    quiet, open_sequences, self.stall_seconds,
+                )  # fmt: skip
+                self._process.kill()  # the receiver sees it end: the same path as a death
+                return
 
     def _step_outputs(self, step: StepMessage) -> StepOutputs:
         outputs = StepOutputs()

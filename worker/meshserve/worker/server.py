@@ -45,7 +45,7 @@ class LoadedModel:
             config.prefix_caching,
             config.threads,
         )
-        self.engine = EngineProcess(spec, self.tokenizer)
+        self.engine = EngineProcess(spec, self.tokenizer, config.engine_stall_seconds)
         self.facts = self.engine.start(lambda line: log.info("%s", line))
         if self.facts.compile_seconds:
             log.info("the decode step compiled in %.1f s (cached for the next start)", self.facts.compile_seconds)
@@ -97,6 +97,8 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
     """Starts serving at once (health NOT_SERVING), loads the model, then reports SERVING."""
     if config.stream_interval < 1:
         raise SystemExit(f"meshserve: --stream-interval must be at least 1 token, got {config.stream_interval}")
+    if config.engine_stall_seconds < 0:
+        raise SystemExit(f"meshserve: --engine-stall-seconds must be 0 (never) or more: {config.engine_stall_seconds}")
     registry = new_registry()
     servicer = WorkerServicer(registry, config.stream_interval)
     running = await start_server(
@@ -122,7 +124,8 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
 
     def engine_died() -> None:  # on the engine's receiver thread
         # Nothing here can serve: not serving, and the process ends so its supervisor starts a new one.
-        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_fail(running)))
+        reason = "the worker's engine was wedged" if model.engine.stalled else "the worker's engine process died"
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_fail(running, reason)))
 
     model.engine.on_death = engine_died
     running.on_drain.append(model.engine.start_draining)
@@ -145,7 +148,7 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
     return running
 
 
-async def _fail(running: RunningServer) -> None:
-    running.failure = "the worker's engine process died"
+async def _fail(running: RunningServer, reason: str) -> None:
+    running.failure = reason
     log.error("stopping: %s", running.failure)
     await running.stop(0)

@@ -50,6 +50,7 @@ from processes import HOST, free_port_block, spawn, stop_process_group, tree_cpu
 from meshserve.cli.launcher import child_env
 from meshserve.common.channels import aio_channel, wait_until_serving
 from meshserve.common.errors import MeshError
+from meshserve.loadgen.results import percentile
 from meshserve.router.link import WorkerLink
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -247,14 +248,6 @@ async def run_level(mesh: Mesh, path: str, level: int, seconds: float, prompts: 
 def cpu_now(mesh: Mesh) -> dict[str, float]:
     cpu = {name: tree_cpu_seconds(mesh.processes[name].pid) for name in SERVICES}
     return cpu | {"client": time.process_time()}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by nearest rank; NaN when there are none."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
 @dataclass

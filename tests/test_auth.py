@@ -125,21 +125,22 @@ def test_admitted_requests_carry_the_tenant_and_a_default_priority_within_the_ce
     from meshserve.common.channels import aio_channel
     from meshserve.common.config import GatewayConfig
     from meshserve.common.models import ModelCatalog
+    from meshserve.common.routers import Routers
     from meshserve.gateway.infer import Infer
     from meshserve.gateway.mesh_client import MeshClient
 
     async def admitted(key: str, priority: int) -> common_pb2.TokenRequest:
-        router_channel, aggregator_channel = aio_channel(mesh.router), aio_channel(mesh.aggregator)
+        routers, aggregator_channel = Routers(mesh.router), aio_channel(mesh.aggregator)
         try:
-            client = MeshClient(router_channel, aggregator_channel)
-            catalog = ModelCatalog(client.router)
+            client = MeshClient(routers, aggregator_channel)
+            catalog = ModelCatalog(routers)
             await catalog.refresh()
             core = Infer(GatewayConfig(), catalog, client, KeyStore(str(keys_file)), RateLimiter())
             request = inference_pb2.GenerateRequest(prompt="Hello", priority=priority)
             admission = await core.admit(request, core.authenticate(f"Bearer {key}"))
             return admission.validated.token_request
         finally:
-            await router_channel.close()
+            await routers.close()
             await aggregator_channel.close()
 
     acme = loop_thread.run(admitted("acme-key", common_pb2.PRIORITY_UNSPECIFIED))

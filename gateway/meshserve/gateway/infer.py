@@ -177,19 +177,18 @@ class Infer:
         request_id = validated.token_request.request_id
         with observer.calling() if observer is not None else contextlib.nullcontext():
             if validated.fan_out is None:
-                call = self.mesh.generate(validated.token_request, timeout)
+                stream = self.mesh.generate(validated.token_request, timeout)
             else:
                 # The parent as admitted (tenant, priority), which may differ from what validation saw.
                 validated.fan_out.request.CopyFrom(validated.token_request)
-                call = self.mesh.fan_out(validated.fan_out, timeout)
-        try:
-            async for message in call:
+                stream = self.mesh.fan_out(validated.fan_out, timeout)
+        # Our consumer stopped or was cancelled: closing the stream cancels its call.
+        async with contextlib.aclosing(stream):
+            async for message in stream:
                 message.request_id = request_id
                 if observer is not None and not message.final:
                     observer.tokens(message.index, len(message.token_ids), message.finish_reason)
                 yield message
-        finally:  # our consumer stopped or was cancelled: so is the call
-            call.cancel()
 
 
 @dataclass

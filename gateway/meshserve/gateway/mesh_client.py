@@ -1,4 +1,4 @@
-"""The gateway's calls into the mesh: a single output goes to the router, a fan-out to the aggregator.
+"""The gateway's calls into the mesh: a single output goes to a router, a fan-out to the aggregator.
 
 Both answer with StreamChunk, whose fields have the numbers and types of the public GenerateStreamResponse
 (common.proto), so each is read as the public message straight from its bytes: one parse per message on
@@ -7,9 +7,13 @@ this hop, no copy. tests/test_wire.py holds the two messages to that.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
-from meshserve.v1 import aggregator_pb2, common_pb2, inference_pb2, router_pb2, router_pb2_grpc
+from meshserve.common.errors import from_rpc_error
+from meshserve.common.routers import Routers
+from meshserve.v1 import aggregator_pb2, inference_pb2
 
 
 def _method(module, service: str, method: str) -> str:
@@ -17,25 +21,25 @@ def _method(module, service: str, method: str) -> str:
 
 
 class MeshClient:
-    def __init__(self, router: grpc.aio.Channel, aggregator: grpc.aio.Channel) -> None:
-        self.router = router_pb2_grpc.RouterStub(router)  # the rest of the router's API (ListModels)
-        self._generate = router.unary_stream(
-            _method(router_pb2, "Router", "Generate"),
-            request_serializer=common_pb2.TokenRequest.SerializeToString,
-            response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
-        )
+    def __init__(self, routers: Routers, aggregator: grpc.aio.Channel) -> None:
+        self.routers = routers  # spread over, and resumed across when one is lost (common/routers.py)
         self._fan_out = aggregator.unary_stream(
             _method(aggregator_pb2, "Aggregator", "Generate"),
             request_serializer=aggregator_pb2.FanOutRequest.SerializeToString,
             response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
         )
 
-    def generate(
-        self, request: common_pb2.TokenRequest, timeout: float | None
-    ) -> grpc.aio.UnaryStreamCall[common_pb2.TokenRequest, inference_pb2.GenerateStreamResponse]:
-        return self._generate(request, timeout=timeout)
+    def generate(self, request, timeout: float | None) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        return self.routers.generate(request, timeout)
 
-    def fan_out(
+    async def fan_out(
         self, request: aggregator_pb2.FanOutRequest, timeout: float | None
-    ) -> grpc.aio.UnaryStreamCall[aggregator_pb2.FanOutRequest, inference_pb2.GenerateStreamResponse]:
-        return self._fan_out(request, timeout=timeout)
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        call = self._fan_out(request, timeout=timeout)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()

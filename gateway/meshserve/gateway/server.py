@@ -22,6 +22,7 @@ from meshserve.common.config import GatewayConfig
 from meshserve.common.errors import grpc_errors, invalid_argument
 from meshserve.common.metrics import new_registry
 from meshserve.common.models import ModelCatalog
+from meshserve.common.routers import Routers
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.gateway.auth import KeyStore, is_loopback
 from meshserve.gateway.http_server import HttpServer, start_http
@@ -152,10 +153,13 @@ def key_store(config: GatewayConfig) -> KeyStore:
 async def start_gateway(config: GatewayConfig) -> RunningGateway:
     """Serves at once; reports SERVING on grpc.health.v1 once the router has listed at least one model."""
     keys = key_store(config)
-    router_channel = aio_channel(config.router)
+    try:
+        routers = Routers(config.router, inference_pb2.GenerateStreamResponse)
+    except ValueError as exc:
+        raise SystemExit(f"meshserve: {exc}") from exc
     aggregator_channel = aio_channel(config.aggregator)
-    mesh = MeshClient(router_channel, aggregator_channel)
-    catalog = ModelCatalog(mesh.router)
+    mesh = MeshClient(routers, aggregator_channel)
+    catalog = ModelCatalog(routers)
     registry = new_registry()
     core = Infer(config, catalog, mesh, keys, RateLimiter(), registry)
     servicer = InferenceServicer(core)
@@ -186,7 +190,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await router_channel.close()
+        await routers.close()
         await aggregator_channel.close()
 
     running.on_stop.append(stop_background)

@@ -21,15 +21,15 @@ from meshserve.aggregator.limits import TenantLimiter, check_width
 from meshserve.aggregator.mapreduce import plan_map_reduce
 from meshserve.aggregator.metrics import AggregatorMetrics
 from meshserve.aggregator.plan import Group
-from meshserve.common.channels import aio_channel
 from meshserve.common.config import AggregatorConfig
-from meshserve.common.errors import from_rpc_error, grpc_errors, invalid_argument, status_code_name
+from meshserve.common.errors import grpc_errors, invalid_argument, status_code_name
 from meshserve.common.logs import current_request_id
 from meshserve.common.metrics import new_registry
 from meshserve.common.models import ModelCatalog
+from meshserve.common.routers import Routers
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.telemetry import tracer
-from meshserve.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2, router_pb2_grpc
+from meshserve.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2
 
 DEFAULT_REDUCE_MAX_TOKENS = 256
 
@@ -37,13 +37,13 @@ DEFAULT_REDUCE_MAX_TOKENS = 256
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     def __init__(
         self,
-        router: router_pb2_grpc.RouterStub,
+        routers: Routers,
         catalog: ModelCatalog,
         max_fanout: int,
         tenants: TenantLimiter,
         metrics: AggregatorMetrics,
     ) -> None:
-        self.router = router
+        self.routers = routers
         self.metrics = metrics
         self.catalog = catalog
         # A request wider than one tenant's whole budget could never run: it is refused as too wide instead.
@@ -151,20 +151,20 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 attributes={"meshserve.request_id": sub.request_id, "meshserve.index": sub.index},
             )
             outcome: BaseException | None = None
-            with trace.use_span(span, end_on_exit=False):
-                # Whatever is left of the parent's deadline bounds every sub-request, the reduce's too.
-                call = self.router.Generate(sub, timeout=context.time_remaining())
+            # Whatever is left of the parent's deadline bounds every sub-request, the reduce's too; a lost
+            # router's sub-requests resume on another (common/routers.py).
+            stream = self.routers.generate(sub, timeout=context.time_remaining())
             try:
-                async for chunk in call:
+                with trace.use_span(span, end_on_exit=False):
+                    chunk = await anext(stream, None)
+                while chunk is not None:
                     yield chunk
-            except grpc.aio.AioRpcError as exc:
-                outcome = exc
-                raise from_rpc_error(exc) from exc
+                    chunk = await anext(stream, None)
             except BaseException as exc:
                 outcome = exc
                 raise
             finally:
-                call.cancel()
+                await stream.aclose()
                 code = status_code_name(outcome)
                 self.metrics.sub_requests.labels(code).inc()
                 if outcome is not None:
@@ -191,12 +191,14 @@ def _without_max_tokens(sampling: common_pb2.SamplingParams) -> common_pb2.Sampl
 
 
 async def start_aggregator(config: AggregatorConfig) -> RunningServer:
-    channel = aio_channel(config.router)
-    router = router_pb2_grpc.RouterStub(channel)
-    catalog = ModelCatalog(router)
+    try:
+        routers = Routers(config.router)
+    except ValueError as exc:
+        raise SystemExit(f"meshserve: {exc}") from exc
+    catalog = ModelCatalog(routers)
     registry = new_registry()
     servicer = AggregatorServicer(
-        router, catalog, config.max_n, TenantLimiter(config.tenant_max_in_flight), AggregatorMetrics(registry)
+        routers, catalog, config.max_n, TenantLimiter(config.tenant_max_in_flight), AggregatorMetrics(registry)
     )
     running = await start_server(
         config.host,
@@ -211,7 +213,7 @@ async def start_aggregator(config: AggregatorConfig) -> RunningServer:
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
-        await channel.close()
+        await routers.close()
 
     running.on_stop.append(stop_background)
     return running

@@ -11,6 +11,7 @@ from typing import Any
 
 from meshserve.common import config as cfg
 from meshserve.common.enums import PRIORITY_BY_NAME
+from meshserve.loadgen.cli import add_parser as add_bench_parser
 
 PRIORITIES = list(PRIORITY_BY_NAME)
 
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = commands.add_parser("builtin-model", help="create the built-in tiny model (if needed) and print its path")
     model.set_defaults(run=_run_builtin_model)
+
+    add_bench_parser(commands)
 
     for name, config_type, starter in (
         ("gateway", cfg.GatewayConfig, "meshserve.gateway.server:start_gateway"),

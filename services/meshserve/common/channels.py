@@ -12,21 +12,42 @@ from meshserve.common.telemetry import client_interceptors
 
 # Tokenizer files travel in ModelInfo; large vocabularies reach tens of MB.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# A peer that stops answering without closing the connection (a frozen process, a dropped network path)
+# is found by HTTP/2 pings: one after KEEPALIVE_TIME_MS of quiet, dead if unanswered for KEEPALIVE_TIMEOUT_MS,
+# so a stream on it fails (UNAVAILABLE, and resumes elsewhere) within about 5 s. A busy but live peer
+# answers pings from gRPC's own threads, whatever its event loop is doing.
+KEEPALIVE_TIME_MS = 3_000
+KEEPALIVE_TIMEOUT_MS = 2_000
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC also bounds each ping by its own ping timeout (a minute by default), whichever is shorter.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+]
+# Servers accept those pings (gRPC's default would answer pings this frequent with GOAWAY too_many_pings).
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
-def aio_channel(address: str, traced: bool = True) -> grpc.aio.Channel:
+def aio_channel(address: str, traced: bool = True, round_robin: bool = False) -> grpc.aio.Channel:
     """A channel to another service; calls on it carry the caller's trace context. Untraced: no interceptor
-    wraps its calls (a long-lived stream that carries each request's trace context in its messages)."""
+    wraps its calls (a long-lived stream that carries each request's trace context in its messages).
+    `round_robin`: calls spread over every address the target resolves to (gRPC's default uses the first)."""
     interceptors = client_interceptors() if traced else None
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")] if round_robin else CHANNEL_OPTIONS
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
 def sync_channel(address: str) -> grpc.Channel:

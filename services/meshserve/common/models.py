@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import grpc
 
 from meshserve.common.errors import invalid_argument
+from meshserve.common.routers import Routers
 from meshserve.common.tokenizer import ModelTokenizer
-from meshserve.v1 import common_pb2, router_pb2_grpc
+from meshserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ class ServedModel:
 
 
 class ModelCatalog:
-    def __init__(self, router: router_pb2_grpc.RouterStub) -> None:
-        self.router = router
+    def __init__(self, routers: Routers) -> None:
+        self.routers = routers
         self.models: dict[str, ServedModel] = {}
         self._last_refresh = 0.0
 
@@ -36,7 +37,7 @@ class ModelCatalog:
         """Reads the served models from the router. Returns whether any model is known afterwards."""
         self._last_refresh = time.monotonic()
         try:
-            reply = await self.router.ListModels(common_pb2.ListModelsRequest(), timeout=timeout)
+            reply = await self.routers.stub.ListModels(common_pb2.ListModelsRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             log.info("router did not list models: %s", exc.code().name)
             return bool(self.models)

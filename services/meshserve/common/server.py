@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from meshserve.common.channels import CHANNEL_OPTIONS
+from meshserve.common.channels import SERVER_OPTIONS
 from meshserve.common.metrics import new_registry
 from meshserve.common.telemetry import server_interceptors
 
@@ -88,9 +88,18 @@ async def start_server(
     *,
     serving: bool = True,
     metrics: CollectorRegistry | None = None,
+    max_connection_age_s: float | None = None,
 ) -> RunningServer:
-    """Starts a grpc.aio server with health, reflection and tracing on host:port (port 0 picks a free one)."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=server_interceptors())
+    """Starts a grpc.aio server with health, reflection and tracing on host:port (port 0 picks a free one).
+
+    `max_connection_age_s`: clients are asked (GOAWAY) to reconnect after this long, so that callers that
+    spread over every address of a DNS name find replicas added since they connected; calls still running
+    get as long again to finish."""
+    options = list(SERVER_OPTIONS)
+    if max_connection_age_s:
+        age_ms = int(max_connection_age_s * 1000)
+        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+    server = grpc.aio.server(options=options, interceptors=server_interceptors())
     for servicer in servicers:
         servicer.add_to_server(servicer.implementation, server)
     health_servicer = health.aio.HealthServicer()

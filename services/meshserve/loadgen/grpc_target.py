@@ -1,7 +1,7 @@
 """The mesh's public gRPC API as a benchmark target: one Inference.GenerateStream call per request.
 
 The stream returns the output's token ids, so each record can be checked token by token (the soak does).
-The API key travels as `memeshserve generate` sends it: `authorization: Bearer KEY` metadata.
+The API key travels as `meshserve generate` sends it: `authorization: Bearer KEY` metadata.
 """
 
 from __future__ import annotations

@@ -42,7 +42,12 @@ class LoadLevel:
         return f"concurrency {self.concurrency}" if self.concurrency is not None else f"rate {self.rate:g}/s"
 
     def describe(self) -> dict[str, object]:
-        return {"concurrency": self.concurrency, "rate": self.rate, "duration": self.duration, "requests": self.requests}
+        return {
+            "concurrency": self.concurrency,
+            "rate": self.rate,
+            "duration": self.duration,
+            "requests": self.requests,
+        }
 
 
 def parse_concurrencies(text: str) -> list[int]:

@@ -110,7 +110,7 @@ class Workload:
     endpoint: Endpoint = "completions"
     prompt_format: PromptFormat = "ids"  # chat always sends text
     ignore_eos: bool = True
-    _numbers: itertools.count = field(default_factory=itertools.count, repr=False)
+    _numbers: itertools.count = field(default_factory=itertools.count, init=False, repr=False, compare=False)
 
     def request(self, number: int) -> RequestSpec:
         rng = random.Random(f"{self.seed}:{number}")

@@ -47,9 +47,13 @@ class WorkerEndpoint:
 
     @property
     def busy(self) -> int:
-        """Sequences on it: what it reports, or what the router has sent, whichever is more (reports lag)."""
-        reported = self.load.running_sequences + self.load.waiting_sequences if self.load else 0
-        return max(self.in_flight, reported)
+        """Sequences on it: what it reported (every router's), plus what this router sent that the report
+        had not seen yet (reports lag); never less than what this router has in flight."""
+        if self.load is None:
+            return self.in_flight
+        reported = self.load.running_sequences + self.load.waiting_sequences
+        in_transit = max(0, self.in_flight - self.load.stream_sequences)
+        return max(self.in_flight, reported + in_transit)
 
     def has_room(self, overflow: int = 0) -> bool:
         return self.up and self.load is not None and self.busy < self.load.max_num_seqs + overflow

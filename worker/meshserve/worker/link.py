@@ -132,9 +132,10 @@ class Link:
                 self._end(key)
         # With the outputs, the load they leave behind: a router sees the seats they freed in the same message.
         load = self.engine.load()
-        key = _scheduling_key(load)
+        key = (_scheduling_key(load), self.client.open_sequences)
         if key != self._sent_key or time.monotonic() - self._sent_at >= LOAD_HEARTBEAT_S:
             event.load.CopyFrom(load_report(load))
+            event.load.stream_sequences = self.client.open_sequences
             self._sent_key, self._sent_at = key, time.monotonic()
         return event
 
@@ -149,7 +150,8 @@ class Link:
         while True:
             await asyncio.sleep(LOAD_INTERVAL_S)
             load = self.engine.load()
-            if _scheduling_key(load) != self._sent_key or time.monotonic() - self._sent_at >= LOAD_HEARTBEAT_S:
+            key = (_scheduling_key(load), self.client.open_sequences)
+            if key != self._sent_key or time.monotonic() - self._sent_at >= LOAD_HEARTBEAT_S:
                 self.client.wake()
             if load.draining and self.client.open_sequences == 0:
                 # Draining and idle: an open stream would hold the server (and the pod's termination) until

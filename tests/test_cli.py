@@ -49,10 +49,10 @@ def env(cache_dir, model_dir) -> dict[str, str]:
     return {**os.environ, "MESHSERVE_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
 
 
-def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
+def test_up_serves_restarts_what_dies_and_stops_cleanly_on_ctrl_c(env, tmp_path):
     gateway, router, aggregator, worker, http = free_ports(5)
     up = subprocess.Popen(
-        [*MESHSERVE, "up", "--workers", "2", "--port", str(gateway), "--router-port", str(router),
+        [*MESHSERVE, "up", "--workers", "2", "--routers", "2", "--port", str(gateway), "--router-port", str(router),
          "--aggregator-port", str(aggregator), "--worker-port", str(worker), "--log-dir", str(tmp_path),
          "--metrics-port", "0", "--http-port", str(http)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -63,13 +63,13 @@ def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
         assert f"chat page    http://127.0.0.1:{http}/" in out.text
         state = json.loads((Path(env["MESHSERVE_CACHE"]) / "mesh.json").read_text())
         pids = {s["name"]: s["pid"] for s in state["services"]}
-        assert set(pids) == {"worker-0", "worker-1", "router", "aggregator", "gateway"}
+        assert set(pids) == {"worker-0", "worker-1", "router-0", "router-1", "aggregator", "gateway"}
 
         status = subprocess.run([*MESHSERVE, "status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
-        assert status.stdout.count("SERVING") == 5 and "meshserve-tiny" in status.stdout
-        assert "queues       critical 0" in status.stdout
-        assert status.stdout.count("running 0/") + status.stdout.count("running 1/") == 2  # two workers, up
+        assert status.stdout.count("SERVING") == 6 and "meshserve-tiny" in status.stdout
+        assert status.stdout.count("queues       critical 0") == 2  # each router's
+        assert status.stdout.count("running 0/") + status.stdout.count("running 1/") == 4  # two workers, up
 
         address = f"127.0.0.1:{gateway}"
         generate = [*MESHSERVE, "generate", "Hello", "--stream", "--max-tokens", "8", "--gateway", address]
@@ -77,18 +77,27 @@ def test_up_serves_a_streamed_answer_and_stops_cleanly_on_ctrl_c(env, tmp_path):
         assert answer.returncode == 0, answer.stderr
         assert answer.stdout.strip() and "completion tokens" in answer.stderr
 
-        # A worker that dies is reported; the rest of the mesh keeps serving.
+        # A worker and a router that die are reported and started again, as a ReplicaSet would; the rest of
+        # the mesh keeps serving meanwhile.
         os.kill(pids["worker-1"], signal.SIGKILL)
-        wait_for(
-            lambda: err.has("exited unexpectedly"),
-            "`meshserve up` to report the dead worker",
-            10,
-            details=lambda: err.text,
-        )
-        assert "worker-1" in err.text
+        os.kill(pids["router-0"], signal.SIGKILL)
         for _ in range(3):
             again = subprocess.run(generate, env=env, capture_output=True, text=True, timeout=60)
             assert again.returncode == 0, again.stderr
+        for name in ("worker-1", "router-0"):
+            wait_for(
+                lambda name=name: err.has(f"{name} restarted"), f"{name} to be restarted", 120, details=lambda: err.text
+            )
+        assert "killed by SIGKILL" in err.text
+
+        def restarted_and_serving() -> str:
+            status = subprocess.run([*MESHSERVE, "status"], env=env, capture_output=True, text=True, timeout=60)
+            return status.stdout if status.returncode == 0 and status.stdout.count("restarts 1") == 2 else ""
+
+        shown = wait_for(restarted_and_serving, "status to show both restarted and serving", 120)
+        assert "last exit: killed by SIGKILL" in shown and shown.count("SERVING") == 6
+        state = json.loads((Path(env["MESHSERVE_CACHE"]) / "mesh.json").read_text())
+        pids = {s["name"]: s["pid"] for s in state["services"]}  # the restarted ones are new processes
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=30) == 0

@@ -117,17 +117,18 @@ def _report_error(exc: grpc.RpcError, gateway: str) -> int:
     return 1
 
 
-def local_mesh_services(gateway: str | None) -> list[tuple[str, str]]:
-    """(name, address) of each service: from the running `meshserve up`, else the default addresses."""
+def local_mesh_services(gateway: str | None) -> list[dict]:
+    """Each service (name, address, and from a running `meshserve up` its restarts and last exit), else the
+    default addresses."""
     state = state_file()
     if gateway is None and state.exists():
-        return [(s["name"], s["address"]) for s in json.loads(state.read_text())["services"]]
+        return json.loads(state.read_text())["services"]
     host = cfg.DEFAULT_HOST
     return [
-        ("worker-0", f"{host}:{cfg.FIRST_WORKER_PORT}"),
-        ("router", f"{host}:{cfg.ROUTER_PORT}"),
-        ("aggregator", f"{host}:{cfg.AGGREGATOR_PORT}"),
-        ("gateway", gateway or f"{host}:{cfg.GATEWAY_PORT}"),
+        {"name": "worker-0", "address": f"{host}:{cfg.FIRST_WORKER_PORT}"},
+        {"name": "router-0", "address": f"{host}:{cfg.ROUTER_PORT}"},
+        {"name": "aggregator", "address": f"{host}:{cfg.AGGREGATOR_PORT}"},
+        {"name": "gateway", "address": gateway or f"{host}:{cfg.GATEWAY_PORT}"},
     ]
 
 
@@ -155,9 +156,7 @@ def print_router_stats(address: str) -> None:
         )
 
 
-def _router_sees_workers_up(router: str | None) -> bool:
-    if router is None:
-        return True
+def _router_sees_workers_up(router: str) -> bool:
     with sync_channel(router) as channel:
         try:
             stats = router_pb2_grpc.RouterStub(channel).Stats(router_pb2.RouterStatsRequest(), timeout=5)
@@ -170,15 +169,20 @@ def status_command(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         services = local_mesh_services(args.gateway)
-        statuses = {name: health_status(address) for name, address in services}
+        statuses = {s["name"]: health_status(s["address"]) for s in services}
         all_serving = all(s == "SERVING" for s in statuses.values())
-        # Ready means the router has its workers' first load reports too, not only that each process serves.
-        if (all_serving and _router_sees_workers_up(dict(services).get("router"))) or time.monotonic() >= deadline:
+        routers = [s["address"] for s in services if s["name"].startswith("router")]
+        # Ready means the routers have their workers' first load reports too, not only that each process serves.
+        if (all_serving and all(_router_sees_workers_up(r) for r in routers)) or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
-    for name, address in services:
-        print(f"{name:<12} {address:<22} {statuses[name]}")
-    gateway = dict(services).get("gateway", args.gateway)
+    for service in services:
+        line = f"{service['name']:<12} {service['address']:<22} {statuses[service['name']]}"
+        if service.get("restarts"):
+            line += f"  restarts {service['restarts']}, last exit: {service.get('last_exit', '')}"
+        print(line)
+    addresses = {s["name"]: s["address"] for s in services}
+    gateway = addresses.get("gateway", args.gateway)
     if statuses.get("gateway") == "SERVING":
         with sync_channel(gateway) as channel:
             try:
@@ -190,9 +194,9 @@ def status_command(args: argparse.Namespace) -> int:
             else:
                 for model in reply.models:
                     print(f"model        {model.name:<22} context {model.max_context_length} tokens")
-    router = dict(services).get("router")
-    if router and statuses.get("router") == "SERVING":
-        print_router_stats(router)
+    for name, address in addresses.items():
+        if name.startswith("router") and statuses[name] == "SERVING":
+            print_router_stats(address)
     if not all_serving:
         print("meshserve: not every service is serving (start the mesh with `meshserve up`)", file=sys.stderr)
         return 3

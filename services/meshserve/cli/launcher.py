@@ -1,4 +1,5 @@
-"""`meshserve up`: every service in its own process on this machine, started in order, stopped together."""
+"""`meshserve up`: every service in its own process on this machine, started in order, kept running
+(supervisor.py), stopped together."""
 
 from __future__ import annotations
 
@@ -10,22 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from meshserve.cli.supervisor import Child, exit_reason, stop_all, supervise, write_state_file
 from meshserve.common.channels import health_status
 from meshserve.common.config import WORKER_METRICS_OFFSET, cache_dir
 
 STATE_FILE_NAME = "mesh.json"
-
-
-@dataclass
-class Child:
-    name: str
-    address: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    reported_exit: bool = False
 
 
 def state_file() -> Path:
@@ -33,9 +25,20 @@ def state_file() -> Path:
     return cache_dir() / STATE_FILE_NAME
 
 
+MAX_ROUTERS = 7  # their metrics ports sit between the aggregator's and the first worker's
+
+
+def router_port(first: int, index: int) -> int:
+    """Router i of `meshserve up --routers N`: the first at --router-port, the rest 100 apart."""
+    return first + 100 * index
+
+
 def run_mesh(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("meshserve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if not 1 <= args.routers <= MAX_ROUTERS:
+        print(f"meshserve: --routers must be from 1 to {MAX_ROUTERS}", file=sys.stderr)
         return 2
     log_dir = Path(args.log_dir) if args.log_dir else cache_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -47,52 +50,56 @@ def run_mesh(args: argparse.Namespace) -> int:
         model_flags = ["--model", args.model] if args.model else []
         host = args.host
         worker_addresses = [f"{host}:{args.worker_port + i}" for i in range(args.workers)]
-        router_address = f"{host}:{args.router_port}"
+        router_addresses = [f"{host}:{router_port(args.router_port, i)}" for i in range(args.routers)]
+        routers = ",".join(router_addresses)
         aggregator_address = f"{host}:{args.aggregator_port}"
         gateway_address = f"{host}:{args.port}"
         plan = [
             *[
-                (
-                    f"worker-{i}",
-                    address,
-                    ["worker", *model_flags, "--max-num-seqs", str(args.max_num_seqs)],
-                )
+                (f"worker-{i}", address, ["worker", *model_flags, "--max-num-seqs", str(args.max_num_seqs)])
                 for i, address in enumerate(worker_addresses)
             ],
-            ("router", router_address, ["router", "--workers", ",".join(worker_addresses)]),
-            ("aggregator", aggregator_address, ["aggregator", "--router", router_address]),
+            *[
+                (f"router-{i}", address, ["router", "--workers", ",".join(worker_addresses)])
+                for i, address in enumerate(router_addresses)
+            ],
+            ("aggregator", aggregator_address, ["aggregator", "--router", routers]),
             (
                 "gateway",
                 gateway_address,
                 [
                     "gateway",
-                    *("--router", router_address, "--aggregator", aggregator_address),
+                    *("--router", routers, "--aggregator", aggregator_address),
                     *("--http-port", str(args.http_port)),
                 ],
             ),
         ]
         print(f"meshserve: starting {len(plan)} services (logs in {log_dir})", flush=True)
+        env = child_env()
         for name, address, command in plan:
             port = address.rsplit(":", 1)[1]
             flags = ["--host", host, "--port", port, "--metrics-port", str(_metrics_port(name, args.metrics_port))]
             if args.trace:
                 flags += ["--trace", args.trace]
-            children.append(_spawn(name, address, [*command, *flags], log_dir))
+            (log_dir / f"{name}.log").write_bytes(b"")  # this run's log; restarts append to it
+            child = Child(name, address, [*command, *flags], log_dir / f"{name}.log", env)
+            child.start()
+            children.append(child)
         # Workers load the model in parallel; the others start in a second or two.
         for child in children:
             if not _wait_ready(child, children, args.start_timeout, stop):
                 return 1
-        _write_state(children)
+        write_state_file(state_file(), children)
         print("meshserve: the mesh is up", flush=True)
         for child in children:
-            print(f"  {child.name:<12} {child.address:<22} pid {child.process.pid}", flush=True)
+            print(f"  {child.name:<12} {child.address:<22} pid {child.pid}", flush=True)
         if args.http_port > 0:
             web = f"http://{host if ':' not in host else f'[{host}]'}:{args.http_port}"
             print(f"  chat page    {web}/    OpenAI-compatible API {web}/v1", flush=True)
         print('try: meshserve generate "Hello" --stream    (Ctrl-C stops the mesh)', flush=True)
-        return _supervise(children, stop)
+        return supervise(children, stop, lambda changed: write_state_file(state_file(), changed))
     finally:
-        _stop_all(children)
+        stop_all(children)
         state = state_file()
         if state.exists() and json.loads(state.read_text()).get("pid") == os.getpid():
             state.unlink()
@@ -104,7 +111,10 @@ def _metrics_port(name: str, base: int) -> int:
         return 0
     if name.startswith("worker-"):
         return base + WORKER_METRICS_OFFSET + int(name.removeprefix("worker-"))
-    return base + {"gateway": 0, "router": 1, "aggregator": 2}[name]
+    if name.startswith("router-"):  # router-0 at +1, the rest after the aggregator's +2
+        index = int(name.removeprefix("router-"))
+        return base + 1 if index == 0 else base + 2 + index
+    return base + {"gateway": 0, "aggregator": 2}[name]
 
 
 def _build_builtin_model() -> None:
@@ -125,21 +135,6 @@ def _install_stop_handlers() -> list[int]:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return received
-
-
-def _spawn(name: str, address: str, command: list[str], log_dir: Path) -> Child:
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "meshserve.cli", *command],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # Own session: Ctrl-C reaches only the launcher, which stops the services in order.
-            start_new_session=True,
-            env=child_env(),
-        )
-    return Child(name, address, process, log_path)
 
 
 PARENT_PID_ENV = "MESHSERVE_PARENT_PID"
@@ -169,8 +164,8 @@ def _wait_ready(child: Child, children: list[Child], timeout: float, stop: list[
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stop:
         for other in children:
-            if other.process.poll() is not None:
-                _report_exit(other)
+            if not other.running:
+                _report_start_failure(other)
                 return False
         if health_status(child.address, timeout=1.0) == "SERVING":
             return True
@@ -183,27 +178,13 @@ def _wait_ready(child: Child, children: list[Child], timeout: float, stop: list[
     return False
 
 
-def _supervise(children: list[Child], stop: list[int]) -> int:
-    """Runs until Ctrl-C/SIGTERM. A child that dies is reported; the rest keep serving."""
-    while not stop:
-        for child in children:
-            if child.process.poll() is not None and not child.reported_exit:
-                _report_exit(child)
-        if all(child.process.poll() is not None for child in children):
-            print("meshserve: every service has exited", file=sys.stderr)
-            return 1
-        time.sleep(0.5)
-    print("\nmeshserve: stopping", flush=True)
-    return 0
-
-
-def _report_exit(child: Child) -> None:
-    child.reported_exit = True
-    code = child.process.returncode
+def _report_start_failure(child: Child) -> None:
+    """A service that exits while the mesh starts is a mistake to fix (a port in use, a bad flag), not a
+    crash to restart: the mesh stops, showing why."""
+    assert child.process is not None
     print(
-        f"meshserve: {child.name} ({child.address}, pid {child.process.pid}) exited unexpectedly "
-        f"with code {code}; "
-        f"the other services keep running. Last lines of {child.log_path}:",
+        f"meshserve: {child.name} ({child.address}) {exit_reason(child)} while the mesh was starting; "
+        f"last lines of {child.log_path}:",
         file=sys.stderr,
     )
     try:
@@ -211,27 +192,3 @@ def _report_exit(child: Child) -> None:
             print(f"    {line}", file=sys.stderr)
     except OSError:
         pass
-
-
-def _stop_all(children: list[Child], grace: float = 15.0) -> None:
-    """SIGTERM front to back (gateway first, workers last) so nothing new arrives at a stopping service."""
-    for child in reversed(children):
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in reversed(children):
-        try:
-            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"meshserve: {child.name} did not stop in {grace:.0f} s; killing it", file=sys.stderr)
-            child.process.kill()
-            child.process.wait()
-
-
-def _write_state(children: list[Child]) -> None:
-    state = {
-        "pid": os.getpid(),
-        "services": [{"name": c.name, "address": c.address, "pid": c.process.pid} for c in children],
-    }
-    state_file().parent.mkdir(parents=True, exist_ok=True)
-    state_file().write_text(json.dumps(state, indent=2) + "\n")

@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-num-seqs", type=int, default=32, help="sequences each worker decodes together")
     up.add_argument("--host", default=cfg.DEFAULT_HOST, help="address every service listens on")
     up.add_argument("--port", type=int, default=cfg.GATEWAY_PORT, help="the gateway's gRPC port")
-    up.add_argument("--router-port", type=int, default=cfg.ROUTER_PORT)
+    up.add_argument("--routers", type=int, default=1, help="router processes (default 1), each used by the gateway")
+    up.add_argument(
+        "--router-port", type=int, default=cfg.ROUTER_PORT, help="the first router's port; the rest are 100 apart"
+    )
     up.add_argument("--aggregator-port", type=int, default=cfg.AGGREGATOR_PORT)
     up.add_argument(
         "--worker-port",

@@ -130,6 +130,13 @@ class RouterConfig(ServerConfig):
     )
     discovery_seconds: float = field(default=10.0, metadata=_help("how often DNS and Kubernetes workers are re-read"))
     max_queued: int = field(default=1024, metadata=_help("requests waiting at most; then BATCH and LOW are shed"))
+    max_connection_age_seconds: float = field(
+        default=300.0,
+        metadata=_help(
+            "callers (gateways, aggregators) are asked to reconnect after this long, running calls getting as long "
+            "again, so that callers of a dns:/// name spread over routers added since (0: never)"
+        ),
+    )
     aging_seconds: float = field(default=5.0, metadata=_help("waiting this long raises a request one priority class"))
     affinity_slack: int = field(
         default=2, metadata=_help("how much busier the worker holding a prompt's prefix may be and still get it")

@@ -222,6 +222,7 @@ async def start_router(config: RouterConfig) -> RunningServer:
             )
         ],
         metrics=registry,
+        max_connection_age_s=config.max_connection_age_seconds or None,
     )
     running.on_stop.append(pool.close)
     running.on_stop.append(dispatcher.stop)

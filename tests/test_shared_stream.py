@@ -15,7 +15,7 @@ from meshserve.common.channels import sync_channel
 from meshserve.common.config import WorkerConfig
 from meshserve.v1 import common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 from meshserve.worker.server import start_worker
-from support import WAIT_S, in_process, in_process_workers, workers_behind_a_router
+from support import WAIT_S, in_process, in_process_workers, wait_for, workers_behind_a_router
 from worker_client import LinkClient, generate_on_worker
 
 
@@ -173,7 +173,10 @@ def test_a_worker_that_goes_silent_mid_stream_is_left_and_the_stream_resumes_els
                 tokens.extend(chunk.token_ids)
                 if frozen is None and len(tokens) >= 10:
                     stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-                    frozen = mesh.process(next(w.address for w in stats.workers if w.in_flight))
+                    address = next(w.address for w in stats.workers if w.in_flight)
+                    with sync_channel(address) as channel:
+                        before = worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+                    frozen = mesh.process(address)
                     frozen.send_signal(signal.SIGSTOP)
             elapsed = time.monotonic() - started
         finally:
@@ -184,6 +187,18 @@ def test_a_worker_that_goes_silent_mid_stream_is_left_and_the_stream_resumes_els
         stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
         assert stats.failovers == 1
         assert elapsed < 3.0 + 30, elapsed  # the silence (3 s) plus the rest of the stream, far from the deadline
+        # Thawed, the worker finds its router's stream gone: it cancels the sequence instead of finishing it
+        # for nobody (the router had left it), and is taken back as a worker.
+        with sync_channel(address) as channel:
+            worker = worker_pb2_grpc.WorkerStub(channel)
+
+            def left_alone() -> worker_pb2.LoadReport | None:
+                load = worker.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+                idle = load.running_sequences == 0 and load.waiting_sequences == 0
+                return load if idle and load.sequences_cancelled == before.sequences_cancelled + 1 else None
+
+            load = wait_for(left_alone, "the thawed worker to cancel the sequence it was left with", 30)
+        assert load.sequences_finished == before.sequences_finished  # the abandoned one was not finished
 
 
 def engine_process_of(worker_pid: int) -> int:

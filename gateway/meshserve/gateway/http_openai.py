@@ -21,7 +21,7 @@ from meshserve.common.enums import FINISH_REASON_NAMES
 from meshserve.common.errors import invalid_argument
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.gateway import openai_responses as out
-from meshserve.gateway.openai_errors import Violation, json_type, request_violations
+from meshserve.gateway.openai_errors import json_type, request_violations
 from meshserve.gateway.openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,6 +29,7 @@ from meshserve.gateway.openai_models import (
     TokenIds,
     proto_marker,
 )
+from meshserve.gateway.openai_structured import structured_output
 from meshserve.v1 import common_pb2, inference_pb2
 
 
@@ -91,7 +92,9 @@ def _request(model: type[ChatCompletionRequest] | type[CompletionRequest], data:
         value = getattr(body, name)
         if value is not None:
             _fill(request, path, value)
-    violations: list[Violation] = []
+    structured, violations = structured_output(body)
+    if structured is not None:
+        request.sampling.structured.CopyFrom(structured)
     if body.stream_options is not None and not body.stream:
         violations.append(("stream_options", "is only allowed with stream: true"))
     if isinstance(body, ChatCompletionRequest):

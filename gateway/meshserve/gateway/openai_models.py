@@ -138,6 +138,33 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool | None = None
 
 
+Schema = dict[str, Any] | bool
+
+
+# Constrained output: openai_structured.py turns these into the request's StructuredOutput.
+class JsonSchemaFormat(OpenAIModel):
+    name: Annotated[Text, Field(min_length=1, max_length=64)]
+    description: Text | None = None
+    json_schema: Annotated[Schema, Field(alias="schema")] = True
+    # Always enforced here: every token is drawn from those the schema allows.
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's extension (extra_body={"structured_outputs": {...}}): one of its fields."""
+
+    json_: Annotated[Schema | Text | None, Field(alias="json")] = None
+    json_object: bool | None = None
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+
+
 class TextPart(BaseModel):
     # Other keys of a part or a message (name, cache_control, ...) ask nothing of us: ignored, as they were.
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -192,6 +219,13 @@ class GenerationRequest(OpenAIModel):
     skip_special_tokens: Annotated[bool | None, Proto("sampling.skip_special_tokens")] = None
     spaces_between_special_tokens: Annotated[bool | None, Proto("sampling.spaces_between_special_tokens")] = None
     include_stop_str_in_output: Annotated[bool | None, Proto("sampling.include_stop_str_in_output")] = None
+    # Constrained output (openai_structured.py): OpenAI's, vLLM's, and vLLM's older names; one of them.
+    response_format: Annotated[ResponseFormat | None, Proto("sampling.structured", copy=False)] = None
+    structured_outputs: Annotated[StructuredOutputs | None, Proto("sampling.structured", copy=False)] = None
+    guided_json: Annotated[dict[str, Any] | bool | Text | None, Proto("sampling.structured", copy=False)] = None
+    guided_regex: Annotated[Text | None, Proto("sampling.structured", copy=False)] = None
+    guided_choice: Annotated[list[Text] | None, Proto("sampling.structured", copy=False)] = None
+    guided_grammar: Annotated[Text | None, Proto("sampling.structured", copy=False)] = None
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -204,7 +238,6 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: Annotated[PositiveUInt32 | None, Proto("sampling.max_tokens")] = None
     logprobs: Annotated[bool | None, Proto("sampling.logprobs")] = None
     top_logprobs: Annotated[UInt32 | None, Proto("sampling.top_logprobs")] = None
-    response_format: Annotated[Any, _only((None, {"type": "text"}), 'only {"type": "text"} is supported')] = None
     tools: Annotated[Any, _only((None, []), "tool and function calling are not supported")] = None
     functions: Annotated[Any, _only((None, []), "tool and function calling are not supported")] = None
     tool_choice: Annotated[Any, _only((None, "none"), 'only "none" is supported (no tool calling)')] = None

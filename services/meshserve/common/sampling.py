@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from meshserve.common.structured import grammar_of, kind_of
 from meshserve.v1 import common_pb2
 
 MAX_STOP_STRINGS = 16
@@ -83,6 +84,11 @@ def sampling_violations(
         for i, token_id in enumerate(sampling.stop_token_ids):
             if token_id >= vocab_size:
                 violations.append((f"sampling.stop_token_ids[{i}]", f"must be below {vocab_size}"))
+    if sampling.HasField("structured"):
+        try:
+            grammar_of(sampling.structured)
+        except ValueError as exc:
+            violations.append((f"sampling.structured.{kind_of(sampling.structured) or 'kind'}", str(exc)))
     return violations
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/common.proto\x12\x0cmeshserve.v1\x1a\x19google/protobuf/any.proto\"y\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\tmap_chunk\x18\x03 \x01(\rH\x00\x88\x01\x01\x12%\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32\x14.google.protobuf.AnyB\x0c\n\n_map_chunk\"\xc9\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x05\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x11 \x01(\x08H\x06\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf1\x01\n\x0cTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12(\n\x08priority\x18\x05 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\r\x12\x18\n\x10resume_token_ids\x18\x08 \x03(\r\x12\x11\n\tparent_id\x18\t \x01(\t\"\xad\x02\n\x0bStreamChunk\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.meshserve.v1.ErrorStatus\x12\x19\n\x0cmean_logprob\x18\n \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_mean_logprobJ\x04\x08\x01\x10\x02\"\xdd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x44\n\x0ftokenizer_files\x18\x05 \x03(\x0b\x32+.meshserve.v1.ModelInfo.TokenizerFilesEntry\x1a\x35\n\x13TokenizerFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\'\n\x11ListModelsRequest\x12\x12\n\nnames_only\x18\x01 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ModelInfo*\x89\x01\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x15\n\x11PRIORITY_CRITICAL\x10\x01\x12\x11\n\rPRIORITY_HIGH\x10\x02\x12\x13\n\x0fPRIORITY_NORMAL\x10\x03\x12\x10\n\x0cPRIORITY_LOW\x10\x04\x12\x12\n\x0ePRIORITY_BATCH\x10\x05*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*m\n\rFailurePolicy\x12\x1e\n\x1a\x46\x41ILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_POLICY_FAIL_FAST\x10\x01\x12\x1e\n\x1a\x46\x41ILURE_POLICY_BEST_EFFORT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/common.proto\x12\x0cmeshserve.v1\x1a\x19google/protobuf/any.proto\"y\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\tmap_chunk\x18\x03 \x01(\rH\x00\x88\x01\x01\x12%\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32\x14.google.protobuf.AnyB\x0c\n\n_map_chunk\"\xfd\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x05\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x11 \x01(\x08H\x06\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12\x32\n\nstructured\x18\x13 \x01(\x0b\x32\x1e.meshserve.v1.StructuredOutputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokens\"\x95\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.meshserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf1\x01\n\x0cTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12(\n\x08priority\x18\x05 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\r\x12\x18\n\x10resume_token_ids\x18\x08 \x03(\r\x12\x11\n\tparent_id\x18\t \x01(\t\"\xad\x02\n\x0bStreamChunk\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.meshserve.v1.ErrorStatus\x12\x19\n\x0cmean_logprob\x18\n \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_mean_logprobJ\x04\x08\x01\x10\x02\"\xdd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x44\n\x0ftokenizer_files\x18\x05 \x03(\x0b\x32+.meshserve.v1.ModelInfo.TokenizerFilesEntry\x1a\x35\n\x13TokenizerFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\'\n\x11ListModelsRequest\x12\x12\n\nnames_only\x18\x01 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ModelInfo*\x89\x01\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x15\n\x11PRIORITY_CRITICAL\x10\x01\x12\x11\n\rPRIORITY_HIGH\x10\x02\x12\x13\n\x0fPRIORITY_NORMAL\x10\x03\x12\x10\n\x0cPRIORITY_LOW\x10\x04\x12\x12\n\x0ePRIORITY_BATCH\x10\x05*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*m\n\rFailurePolicy\x12\x1e\n\x1a\x46\x41ILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_POLICY_FAIL_FAST\x10\x01\x12\x1e\n\x1a\x46\x41ILURE_POLICY_BEST_EFFORT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_TOKENIZERFILESENTRY']._loaded_options = None
   _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_options = b'8\001'
-  _globals['_PRIORITY']._serialized_start=1963
-  _globals['_PRIORITY']._serialized_end=2100
-  _globals['_FINISHREASON']._serialized_start=2103
-  _globals['_FINISHREASON']._serialized_end=2252
-  _globals['_FAILUREPOLICY']._serialized_start=2254
-  _globals['_FAILUREPOLICY']._serialized_end=2363
+  _globals['_PRIORITY']._serialized_start=2195
+  _globals['_PRIORITY']._serialized_end=2332
+  _globals['_FINISHREASON']._serialized_start=2335
+  _globals['_FINISHREASON']._serialized_end=2484
+  _globals['_FAILUREPOLICY']._serialized_start=2486
+  _globals['_FAILUREPOLICY']._serialized_end=2595
   _globals['_ERRORSTATUS']._serialized_start=70
   _globals['_ERRORSTATUS']._serialized_end=191
   _globals['_SAMPLINGPARAMS']._serialized_start=194
-  _globals['_SAMPLINGPARAMS']._serialized_end=779
-  _globals['_TOPLOGPROB']._serialized_start=781
-  _globals['_TOPLOGPROB']._serialized_end=828
-  _globals['_TOKENLOGPROB']._serialized_start=830
-  _globals['_TOKENLOGPROB']._serialized_end=927
-  _globals['_USAGE']._serialized_start=929
-  _globals['_USAGE']._serialized_end=1038
-  _globals['_CHATMESSAGE']._serialized_start=1040
-  _globals['_CHATMESSAGE']._serialized_end=1084
-  _globals['_TOKENREQUEST']._serialized_start=1087
-  _globals['_TOKENREQUEST']._serialized_end=1328
-  _globals['_STREAMCHUNK']._serialized_start=1331
-  _globals['_STREAMCHUNK']._serialized_end=1632
-  _globals['_MODELINFO']._serialized_start=1635
-  _globals['_MODELINFO']._serialized_end=1856
-  _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_start=1803
-  _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_end=1856
-  _globals['_LISTMODELSREQUEST']._serialized_start=1858
-  _globals['_LISTMODELSREQUEST']._serialized_end=1897
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1899
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1960
+  _globals['_SAMPLINGPARAMS']._serialized_end=831
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=834
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=983
+  _globals['_CHOICES']._serialized_start=985
+  _globals['_CHOICES']._serialized_end=1011
+  _globals['_TOPLOGPROB']._serialized_start=1013
+  _globals['_TOPLOGPROB']._serialized_end=1060
+  _globals['_TOKENLOGPROB']._serialized_start=1062
+  _globals['_TOKENLOGPROB']._serialized_end=1159
+  _globals['_USAGE']._serialized_start=1161
+  _globals['_USAGE']._serialized_end=1270
+  _globals['_CHATMESSAGE']._serialized_start=1272
+  _globals['_CHATMESSAGE']._serialized_end=1316
+  _globals['_TOKENREQUEST']._serialized_start=1319
+  _globals['_TOKENREQUEST']._serialized_end=1560
+  _globals['_STREAMCHUNK']._serialized_start=1563
+  _globals['_STREAMCHUNK']._serialized_end=1864
+  _globals['_MODELINFO']._serialized_start=1867
+  _globals['_MODELINFO']._serialized_end=2088
+  _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_start=2035
+  _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_end=2088
+  _globals['_LISTMODELSREQUEST']._serialized_start=2090
+  _globals['_LISTMODELSREQUEST']._serialized_end=2129
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2131
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2192
 # @@protoc_insertion_point(module_scope)

@@ -24,6 +24,7 @@ from meshserve.common.enums import NUM_PRIORITY_VALUES
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.worker.block_manager import BlockManager
 from meshserve.worker.engine_load import EngineLoad
+from meshserve.worker.grammar import GrammarMatchers
 from meshserve.worker.model_runner import ModelRunner
 from meshserve.worker.output_processor import OutputProcessor, StepOutputs
 from meshserve.worker.sampler import resumed_generator, sample
@@ -70,6 +71,7 @@ class Engine:
         self._load = self._snapshot()
         # Called from the engine thread with the number of sequences of each step that ran (metrics).
         self.on_step: Callable[[int], None] | None = None
+        self._grammars: GrammarMatchers | None = None  # made at the first constrained sequence
 
     @property
     def max_num_seqs(self) -> int:
@@ -118,12 +120,23 @@ class Engine:
             if ended is not None:
                 return ended
             _advance_generator(sequence, len(resumed), self.runner.vocab_size, self.runner.device)
+        self.constrain(sequence)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine is stopping")
             self._incoming.append(sequence)
             self._wake.notify()
         return None
+
+    def constrain(self, sequence: Sequence) -> None:
+        """A constrained sequence gets its grammar's matcher, past the tokens it already has (a resumed one's);
+        ValueError if the grammar cannot be followed."""
+        if not sequence.options.grammar or sequence.matcher is not None:
+            return
+        if self._grammars is None:
+            runner = self.runner
+            self._grammars = GrammarMatchers(runner.model_dir, runner.vocab_size, runner.eos_token_ids)
+        sequence.matcher = self._grammars.matcher(sequence.options.grammar, sequence.output_ids)
 
     def cancel(self, sequence: Sequence) -> None:
         """Thread-safe: the sequence leaves at the next step (at once when idle)."""

@@ -214,6 +214,13 @@ def _apply_commands(engine: Engine, runner: ModelRunner, sender: _StepSender, co
             sequences[add.key] = sequence
             sender.keys[id(sequence)] = add.key
             try:
+                engine.constrain(sequence)
+            except ValueError as exc:  # the grammar cannot be followed on this model: it fails alone
+                sender.keys.pop(id(sequence), None)
+                sequences.pop(add.key, None)
+                send(("step", StepMessage(load=engine.load(), ended=[(add.key, Finish.ERROR, str(exc))])))
+                continue
+            try:
                 engine.submit(sequence)
             except RuntimeError:  # stopping: the stop that follows ends it with the rest
                 sender.keys.pop(id(sequence), None)

@@ -88,6 +88,7 @@ class ModelRunner:
         self.dtype = dtype
         if self.kernels.__name__.endswith("triton_ops") and self.impl == "transformers":
             _use_kernel_rms_norms(self.model, self.kernels)
+        self.model_dir = Path(model_dir)
         self.vocab_size: int = config.vocab_size
         self.max_context_length: int = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", 2048

@@ -9,6 +9,7 @@ import grpc
 
 from meshserve.common.errors import MeshError, invalid_argument
 from meshserve.common.sampling import max_tokens_or_default, sampling_violations, token_id_violations
+from meshserve.common.structured import grammar_of
 from meshserve.common.usage import token_usage
 from meshserve.v1 import common_pb2, worker_pb2
 from meshserve.worker.engine_load import EngineLoad
@@ -48,6 +49,7 @@ def sampling_options(request: common_pb2.TokenRequest, model: ModelLimits) -> Sa
         violations.append(("priority", f"unknown priority {request.priority}"))
     if violations:
         raise invalid_argument(violations)
+    grammar = grammar_of(sampling.structured)  # checked with the rest (sampling_violations)
     # The gateway always sets max_tokens; a direct caller that does not gets a short answer.
     max_tokens = max_tokens_or_default(sampling, 16, context - len(prompt))
     if len(prompt) + max_tokens > model.kv_capacity_tokens:
@@ -79,6 +81,7 @@ def sampling_options(request: common_pb2.TokenRequest, model: ModelLimits) -> Sa
             sampling.spaces_between_special_tokens if sampling.HasField("spaces_between_special_tokens") else True
         ),
         include_stop_str_in_output=sampling.include_stop_str_in_output,
+        grammar=grammar,
     )
 
 

@@ -1,7 +1,8 @@
 """Choosing the next token of each sampling sequence from its logits, and the log-probabilities asked for.
 
 Order per sequence: penalties (repetition over prompt and output, then presence and frequency over the
-output), then the stop tokens masked while it is short of min_tokens, then greedy argmax for temperature 0,
+output), then the stop tokens masked while it is short of min_tokens, then a constrained sequence's grammar
+mask (worker/grammar.py: every token its grammar does not allow next is -inf), then greedy argmax for temperature 0,
 or temperature, top-k, top-p and min-p followed by a draw. Log-probabilities are of the model's raw
 distribution (before penalties, temperature and truncation).
 
@@ -34,6 +35,7 @@ from itertools import chain
 
 import torch
 
+from meshserve.worker.grammar import allowed_tokens
 from meshserve.worker.sequence import SamplingOptions, Sequence, TokenLogprob
 
 INF, NEG_INF = float("inf"), float("-inf")
@@ -82,8 +84,9 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> tuple[list[int], 
     options = [s.options for s in sequences]
     penalized = [row for row, o in enumerate(options) if o.penalized]
     masked = min_tokens_mask(sequences, vocab, device)
+    constrained = [row for row, s in enumerate(sequences) if s.matcher is not None]
     scores = logits
-    if penalized or masked is not None:
+    if penalized or masked is not None or constrained:
         scores = logits.clone()  # the raw logits stay for the log-probabilities
         if penalized:
             rows = torch.tensor(penalized, device=device)
@@ -95,6 +98,14 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> tuple[list[int], 
             )
         if masked is not None:
             scores[masked] = NEG_INF
+        if constrained:
+            # Last: a grammar's mask is the final word on what may come next.
+            allowed = allowed_tokens([sequences[r].matcher for r in constrained], vocab, device)
+            if len(constrained) == len(sequences):
+                scores.masked_fill_(~allowed, NEG_INF)
+            else:
+                rows = torch.tensor(constrained, device=device)
+                scores[rows] = scores[rows].masked_fill(~allowed, NEG_INF)
     # `> 0` also sends NaN and negative temperatures to the greedy path.
     sampled = [row for row, o in enumerate(options) if o.temperature > 0.0]
     if len(sampled) < len(sequences) or not sampled:

@@ -60,6 +60,8 @@ class SamplingOptions:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained decoding: the llguidance grammar the output must follow (common/structured.py); "" for none.
+    grammar: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -120,6 +122,7 @@ class Sequence:
     cached_prompt_tokens: int | None = None
     num_preemptions: int = 0
     generator: Any = None  # the sampler's per-sequence random generator
+    matcher: Any = None  # constrained decoding: the engine's llguidance matcher (worker/grammar.py)
     _cancel_requested: threading.Event = field(default_factory=threading.Event)
     _min_tokens_masked: tuple[int, ...] | None = None
     # Output side. Text decoded but not yet emitted because it may be the beginning of a stop string.
@@ -201,6 +204,11 @@ class Sequence:
             self.finish = Finish.STOP
         elif count >= self.options.max_tokens or len(self.prompt_ids) + count >= self.max_context_length:
             self.finish = Finish.LENGTH
+        if self.matcher is not None:
+            self.matcher.consume_token(token_id)
+            # The grammar is complete and takes nothing more: the output is whole (ignore_eos or not).
+            if self.finish is None and self.matcher.is_stopped():
+                self.finish = Finish.STOP
         return self.finish
 
     def text_output(self, token_id: int, finish: Finish | None, logprob: TokenLogprob | None = None) -> SequenceOutput:
@@ -218,8 +226,9 @@ class Sequence:
             at, matched = stop
             text = text[: at + len(matched)] if self.options.include_stop_str_in_output else text[:at]
             finish = Finish.STOP
-        elif finish == Finish.STOP and not self.options.include_stop_str_in_output and new_text:
-            # A stop token or EOS. As vLLM: its text is left out unless asked for.
+        elif finish == Finish.STOP and new_text and self._drops_stop_text(token_id):
+            # A stop token or EOS. As vLLM: its text is left out unless asked for. (A grammar's last token
+            # also ends the sequence as STOP, and is output.)
             text = text[: len(text) - len(new_text)]
         if finish is None:
             keep = _longest_stop_prefix_suffix(text, self.options.stop)
@@ -228,6 +237,13 @@ class Sequence:
             self._held_text = ""
         self._output_finish = finish
         return self._output([token_id], text, logprobs=[logprob] if logprob is not None else [])
+
+    def _drops_stop_text(self, token_id: int) -> bool:
+        if self.options.include_stop_str_in_output:
+            return False
+        return token_id in self.options.stop_token_ids or (
+            token_id in self.eos_token_ids and not self.options.ignore_eos
+        )
 
     def end_output(self, finish: Finish, error: str = "") -> SequenceOutput:
         """Output half: the last output of a sequence that ended without a new token (cancelled, or failed)."""

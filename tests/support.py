@@ -292,6 +292,19 @@ def stop_processes(processes: Iterable[subprocess.Popen], grace: float = 30.0) -
 class WorkerProcesses:
     workers: list[ServiceProcess]
     router: router_pb2_grpc.RouterStub
+    env: dict[str, str] = field(default_factory=dict)
+
+    def restart(self, address: str) -> None:
+        """Starts a killed worker again on its port (as its supervisor would) and waits until the router
+        has it back."""
+        index = self.addresses.index(address)
+        old = self.workers[index]
+        assert old.process.wait(WAIT_S) is not None
+        port = address.rsplit(":", 1)[1]
+        args = ["worker", "--threads", "1", "--metrics-port", "0", "--port", port]
+        self.workers[index] = start_service(args, address, self.env, old.log.with_suffix(".restarted.log"))
+        wait_until_ready(self.workers[index])
+        wait_for_workers_up(self.router, len(self.workers))
 
     @property
     def addresses(self) -> list[str]:
@@ -321,6 +334,6 @@ def workers_behind_a_router(
         with in_process_router(loop_thread, ",".join(w.address for w in workers)) as router:
             stub = router_stub(router.address)
             wait_for_workers_up(stub, count)
-            yield WorkerProcesses(workers, stub)
+            yield WorkerProcesses(workers, stub, environment)
     finally:
         stop_processes((w.process for w in workers), grace=0)

@@ -351,7 +351,7 @@ def test_grpc_messages_over_the_size_limit_are_refused_naming_messages(gateway):
         ({"messages": [{"role": "robot"}]}, "messages[0].role", "messages[0].role: must be 'system', 'developer'"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type", None),
         ({"messages": "Hi"}, "messages", "messages: must be a list, got a string"),
-        ({"tool_choice": "auto"}, "tool_choice", 'tool_choice: only "none" is supported (no tool calling)'),
+        ({"tool_choice": "required"}, "tool_choice", "tool_choice: asks for a tool call, but the request has no tools"),
         ({"top_logprobs": 2}, "top_logprobs", "top_logprobs: needs logprobs set"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import grpc
 import jsonschema
@@ -12,6 +13,7 @@ import pytest
 
 from meshserve.common.errors import bad_request_fields
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
+from support import WAIT_S, workers_behind_a_router
 
 # Bounded strings, numbers and arrays: a random model draws about uniformly among allowed tokens, so an
 # unbounded string would end only by chance (or at max_tokens, unfinished).
@@ -34,7 +36,7 @@ PERSON = {
     "additionalProperties": False,
 }
 REGEX = r"[A-Z][a-z]{1,6} (is|was) [0-9]{1,3}"
-CHOICES = ["yes", "no", "it depends \"quoted\""]
+CHOICES = ["yes", "no", 'it depends "quoted"']
 
 
 def structured_request(seed: int, **structured) -> inference_pb2.GenerateRequest:
@@ -116,3 +118,33 @@ def test_a_bad_grammar_is_refused_naming_the_field_before_any_worker_is_used(mes
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(caught.value) == [field]
     assert says in caught.value.details() and len(caught.value.details()) < 1000
+
+
+def test_a_constrained_stream_resumed_after_its_worker_is_killed_still_validates(loop_thread, cache_dir, tmp_path):
+    """The next worker replays the tokens already sent through the grammar's matcher: its state goes on
+    where it was, so the output is the uninterrupted one (greedy, and seeded), and valid."""
+    with workers_behind_a_router(loop_thread, 2, cache_dir, tmp_path) as mesh:
+        stub = mesh.router
+        for failovers, temperature in enumerate((0.0, 0.9), start=1):
+            sampling = common_pb2.SamplingParams(
+                max_tokens=200, temperature=temperature, seed=17,
+                structured=common_pb2.StructuredOutput(json_schema=json.dumps(PERSON)),
+            )  # fmt: skip
+            request = common_pb2.TokenRequest(prompt_token_ids=[5, 6, 7, 8], sampling=sampling)
+            reference = list(stub.Generate(request, timeout=WAIT_S))
+            tokens: list[int] = []
+            text = ""
+            killed = None
+            for chunk in stub.Generate(request, timeout=WAIT_S):
+                tokens.extend(chunk.token_ids)
+                text += chunk.text
+                if killed is None and len(tokens) >= 8:
+                    stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+                    killed = next(w.address for w in stats.workers if w.in_flight and w.up)
+                    mesh.process(killed).send_signal(signal.SIGKILL)
+            assert killed is not None, "the output was done before its worker could be killed"
+            assert stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).failovers == failovers
+            assert tokens == [t for c in reference for t in c.token_ids]
+            assert text == "".join(c.text for c in reference)
+            jsonschema.validate(json.loads(text), PERSON)
+            mesh.restart(killed)  # the next request needs a worker to fail over to again

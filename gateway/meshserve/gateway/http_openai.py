@@ -100,8 +100,24 @@ def _request(model: type[ChatCompletionRequest] | type[CompletionRequest], data:
     if isinstance(body, ChatCompletionRequest):
         chat_messages = request.messages.messages
         for message in body.messages:
-            chat_messages.add(role=message.role, content=message.text)
+            added = chat_messages.add(
+                role=message.role,
+                content=message.text,
+                tool_call_id=message.tool_call_id or "",
+                name=message.name or "",
+            )
+            for call in message.tool_calls or ():
+                added.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
         request.messages.SetInParent()  # an empty list is still the messages input (validation says it is empty)
+        for tool in body.tools or ():
+            function = tool.function
+            parameters = json.dumps(function.parameters) if function.parameters is not None else ""
+            request.tools.add(name=function.name, description=function.description or "", parameters=parameters)
+        if isinstance(body.tool_choice, str):
+            modes = {"auto": inference_pb2.TOOL_CHOICE_AUTO, "none": inference_pb2.TOOL_CHOICE_NONE}
+            request.tool_choice.mode = modes.get(body.tool_choice, inference_pb2.TOOL_CHOICE_REQUIRED)
+        elif body.tool_choice is not None:
+            request.tool_choice.function = body.tool_choice.function.name
         if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
             violations.append(
                 ("max_completion_tokens", f"conflicts with max_tokens ({body.max_tokens}); send one of them")
@@ -163,6 +179,25 @@ def usage_model(usage: common_pb2.Usage) -> out.Usage:
     )
 
 
+def _assistant_message(completion: inference_pb2.Completion) -> out.AssistantMessage:
+    if not completion.tool_calls:
+        return out.AssistantMessage(content=completion.text)
+    calls = [
+        out.ToolCall(id=call.id, function=out.FunctionCall(name=call.name, arguments=call.arguments))
+        for call in completion.tool_calls
+    ]
+    return out.AssistantMessage(content=None, tool_calls=calls)
+
+
+def _tool_call_delta(call: common_pb2.ToolCall) -> out.ToolCallDelta:
+    """A call's first piece carries its id, type and name; every piece its share of the arguments."""
+    function = out.FunctionCallDelta(arguments=call.arguments)
+    if call.id:
+        function.name = call.name
+        return out.ToolCallDelta(index=call.index, id=call.id, type="function", function=function)
+    return out.ToolCallDelta(index=call.index, function=function)
+
+
 def finish_reason(reason: int) -> str | None:
     return FINISH_REASON_NAMES.get(reason)
 
@@ -194,7 +229,7 @@ class ResponseShaper:
             chat_choices = [
                 out.ChatChoice(
                     index=c.index,
-                    message=out.AssistantMessage(content=c.text),
+                    message=_assistant_message(c),
                     logprobs=self._chat_logprobs(c.logprobs) if self._logprobs_asked else None,
                     finish_reason=finish_reason(c.finish_reason),
                 )
@@ -234,7 +269,9 @@ class ResponseShaper:
             delta = out.ChatDelta()
             if index not in self._started:
                 delta.role = "assistant"
-            if message.text or index not in self._started:
+            if message.tool_calls:
+                delta.tool_calls = [_tool_call_delta(call) for call in message.tool_calls]
+            elif message.text or index not in self._started:
                 delta.content = message.text
             logprobs = self._chat_logprobs(message.logprobs) if self._logprobs_asked else None
             choice = out.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)

@@ -24,6 +24,7 @@ from meshserve.gateway.auth import KeyStore, Tenant
 from meshserve.gateway.mesh_client import MeshClient
 from meshserve.gateway.metrics import GatewayMetrics, RequestObserver
 from meshserve.gateway.rate_limit import RateLimiter, Reservation
+from meshserve.gateway.tools import ToolCallStream
 from meshserve.gateway.validation import ValidatedRequest, validate
 from meshserve.v1 import common_pb2, inference_pb2
 
@@ -131,6 +132,7 @@ class Infer:
         # By index: a fan-out may leave indices out (dedupe) and finish them in any order.
         completions: dict[int, inference_pb2.Completion] = {}
         texts: dict[int, list[str]] = {}
+        calls: dict[int, dict[int, common_pb2.ToolCall]] = {}
         total: common_pb2.Usage | None = None
         async for message in self._mesh_stream(validated, timeout, observer):
             if message.final:
@@ -140,6 +142,12 @@ class Infer:
             completion.token_ids.extend(message.token_ids)
             completion.logprobs.extend(message.logprobs)
             texts.setdefault(message.index, []).append(message.text)
+            for delta in message.tool_calls:  # a call's pieces: id and name first, arguments in parts
+                call = calls.setdefault(message.index, {}).setdefault(
+                    delta.index, common_pb2.ToolCall(index=delta.index)
+                )
+                call.id, call.name = call.id or delta.id, call.name or delta.name
+                call.arguments += delta.arguments
             if message.HasField("error"):
                 completion.errors.append(message.error)
             if message.HasField("mean_logprob"):
@@ -150,6 +158,7 @@ class Infer:
         ordered = [completions[index] for index in sorted(completions)]
         for completion in ordered:
             completion.text = "".join(texts[completion.index])
+            completion.tool_calls.extend(call for _, call in sorted(calls.get(completion.index, {}).items()))
         prompt_tokens = len(validated.token_request.prompt_token_ids)
         return inference_pb2.GenerateResponse(
             request_id=validated.token_request.request_id,
@@ -182,10 +191,14 @@ class Infer:
                 # The parent as admitted (tenant, priority), which may differ from what validation saw.
                 validated.fan_out.request.CopyFrom(validated.token_request)
                 stream = self.mesh.fan_out(validated.fan_out, timeout)
+        # With tools, each index's output is read as calls (gateway/tools.py) before anyone sees it.
+        readers: dict[int, ToolCallStream] = {}
         # Our consumer stopped or was cancelled: closing the stream cancels its call.
         async with contextlib.aclosing(stream):
             async for message in stream:
                 message.request_id = request_id
+                if validated.tools is not None and not message.final:
+                    readers.setdefault(message.index, ToolCallStream(validated.tools)).read(message)
                 if observer is not None and not message.final:
                     observer.tokens(message.index, len(message.token_ids), message.finish_reason)
                 yield message

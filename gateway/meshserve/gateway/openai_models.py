@@ -179,17 +179,57 @@ Content = Annotated[
 ]
 
 
+class MessageFunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: Text
+    arguments: Text  # JSON text, as the model wrote it
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content | None = None
+    # An assistant's earlier calls, and a tool message's answer to one of them.
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: Text | None = None
+    name: Text | None = None
 
     @property
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(OpenAIModel):
+    name: Text
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; none: any object
+    strict: bool | None = None  # a required or named call is always held to its schema
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: Text
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class GenerationRequest(OpenAIModel):
@@ -238,10 +278,13 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: Annotated[PositiveUInt32 | None, Proto("sampling.max_tokens")] = None
     logprobs: Annotated[bool | None, Proto("sampling.logprobs")] = None
     top_logprobs: Annotated[UInt32 | None, Proto("sampling.top_logprobs")] = None
-    tools: Annotated[Any, _only((None, []), "tool and function calling are not supported")] = None
-    functions: Annotated[Any, _only((None, []), "tool and function calling are not supported")] = None
-    tool_choice: Annotated[Any, _only((None, "none"), 'only "none" is supported (no tool calling)')] = None
-    function_call: Annotated[Any, _only((None, "none"), 'only "none" is supported (no tool calling)')] = None
+    tools: Annotated[list[ToolDefinition] | None, Proto("tools", copy=False)] = None
+    tool_choice: Annotated[
+        Literal["auto", "none", "required"] | NamedToolChoice | None, Proto("tool_choice", copy=False)
+    ] = None
+    # OpenAI's deprecated names for the two above.
+    functions: Annotated[Any, _only((None, []), "is deprecated and not taken; send tools")] = None
+    function_call: Annotated[Any, _only((None, "none"), "is deprecated and not taken; send tool_choice")] = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: Any = None

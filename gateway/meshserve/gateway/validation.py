@@ -14,6 +14,7 @@ from meshserve.common.map_reduce import template_violations
 from meshserve.common.models import ServedModel
 from meshserve.common.sampling import max_tokens_or_default, sampling_violations, token_id_violations
 from meshserve.common.tokenizer import ChatTemplateError
+from meshserve.gateway.tools import ToolUse, template_message, template_tools, tool_grammar, tool_use
 from meshserve.v1 import aggregator_pb2, common_pb2, inference_pb2
 
 MAX_PROMPT_BYTES = 4 * 1024 * 1024
@@ -29,6 +30,8 @@ class ValidatedRequest:
     model: ServedModel
     # Set when the request fans out (n > 1, best_of > 1, a batch, a map-reduce): it goes to the aggregator.
     fan_out: aggregator_pb2.FanOutRequest | None = None
+    # Set when the request has tools: how its output is read (gateway/tools.py).
+    tools: ToolUse | None = None
 
 
 def validate(
@@ -38,7 +41,15 @@ def validate(
     sampling = request.sampling
 
     kind = request.WhichOneof("input")
-    prompt_ids = [] if kind in FAN_OUT_INPUTS else _prompt_ids(request, model, violations)
+    use = tool_use(request, violations)
+    prompt_ids = [] if kind in FAN_OUT_INPUTS else _prompt_ids(request, model, violations, use=use)
+    if use is not None and (constraint := tool_grammar(request, use)) is not None:
+        if sampling.HasField("structured"):
+            violations.append(("sampling.structured", f"conflicts with tool_choice {use.mode}: send one of them"))
+        else:
+            sampling = common_pb2.SamplingParams()
+            sampling.CopyFrom(request.sampling)
+            sampling.structured.CopyFrom(constraint)
 
     if request.request_id and not REQUEST_ID.match(request.request_id):
         violations.append(("request_id", "must be 1-128 characters of letters, digits and . _ : / -"))
@@ -111,7 +122,7 @@ def validate(
             fan_out.map_reduce.chunk_tokens = task.chunk_tokens
             if task.HasField("map_sampling"):
                 fan_out.map_reduce.map_sampling.CopyFrom(task.map_sampling)
-    return ValidatedRequest(token_request, n, model, fan_out)
+    return ValidatedRequest(token_request, n, model, fan_out, use)
 
 
 def _batch_inputs(
@@ -169,6 +180,7 @@ def _prompt_ids(
     model: ServedModel,
     violations: list[tuple[str, str]],
     prefix: str = "",
+    use: ToolUse | None = None,
 ) -> list[int]:
     """The input's token ids; violations are named under `prefix` (a batch input's "batch.inputs[i].")."""
     kind = request.WhichOneof("input")
@@ -197,12 +209,13 @@ def _prompt_ids(
         if bad_roles:
             return []
         # The same bound as a prompt: rendering and tokenising a giant conversation would stall the gateway.
-        size = sum(len(m.content.encode("utf-8")) + len(m.role.encode("utf-8")) for m in messages)
+        size = sum(m.ByteSize() for m in messages) + sum(t.ByteSize() for t in getattr(request, "tools", ()))
         if size > MAX_PROMPT_BYTES:
             violations.append((f"{prefix}messages", f"must be at most {MAX_PROMPT_BYTES} bytes of text, got {size}"))
             return []
+        tools = template_tools(request) if use is not None else None
         try:
-            return model.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+            return model.tokenizer.encode_chat([template_message(m) for m in messages], tools=tools)
         except ChatTemplateError as exc:
             violations.append((f"{prefix}messages", str(exc)))
             return []

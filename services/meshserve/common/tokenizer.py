@@ -53,7 +53,14 @@ class ModelTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The conversation as the model's template writes it; `tools` (OpenAI's shape) for templates that
+        describe them."""
         if self.chat_template is None:
             raise ChatTemplateError("this model has no chat template; send a prompt or token ids instead")
         try:
@@ -62,6 +69,7 @@ class ModelTokenizer:
                 .from_string(self.chat_template)
                 .render(
                     messages=list(messages),
+                    tools=list(tools) if tools else None,
                     add_generation_prompt=add_generation_prompt,
                     bos_token=self.bos_token or "",
                     eos_token=self.eos_token or "",
@@ -70,9 +78,14 @@ class ModelTokenizer:
         except TemplateError as exc:
             raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from exc
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
         # Templates write the BOS token themselves; adding it again would double it (as transformers does).
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
 
     def detokenizer(
         self,

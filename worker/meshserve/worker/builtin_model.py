@@ -19,13 +19,24 @@ from meshserve.common.config import cache_dir as meshserve_cache_dir
 
 BUILTIN_MODEL_NAME = "meshserve-tiny"
 # Bump when anything below changes what is written, so old caches are not reused.
-BUILTIN_MODEL_VERSION = 1
+BUILTIN_MODEL_VERSION = 2
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 BOS, EOS, PAD, END_OF_TURN = "<s>", "</s>", "<pad>", "<|end|>"
+# Tools (OpenAI's shape) are listed in a system turn first; an assistant's calls and a tool's results are
+# written in the Hermes convention (<tool_call>JSON</tool_call>, <tool_response>), which the gateway reads
+# back (gateway/tools.py). Without tools the rendering is the plain one.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{{ bos_token }}{% if tools %}<|system|>\n"
+    "You may call these tools. To call one, answer with "
+    '<tool_call>{"name": NAME, "arguments": ARGUMENTS}</tool_call> and nothing else.\n'
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|end|>\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['role'] == 'tool' %}<tool_response id={{ message['tool_call_id'] | tojson }}>"
+    "{{ message['content'] }}</tool_response>{% else %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>"
+    '{"name": {{ call[\'function\'][\'name\'] | tojson }}, "arguments": {{ call[\'function\'][\'arguments\'] }}}'
+    "</tool_call>{% endfor %}<|end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Upper bound on the BPE vocabulary; the model's vocabulary is what training actually produced,

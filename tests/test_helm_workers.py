@@ -31,7 +31,7 @@ def test_cpu_only_workers_ask_for_no_gpu(docs):
     container = pod["containers"][0]
     assert not any("gpu" in key for part in container["resources"].values() for key in part)
     assert "tolerations" not in pod and "nodeSelector" not in pod
-    assert container["image"] == "ghcr.io/meshserve/meshserve:0.1.0"
+    assert container["image"] == "ghcr.io/meshserve/meshserve-worker:0.1.0"
     assert {v["name"]: v for v in pod["volumes"]}["model"]["hostPath"] == {"path": "/srv/models", "type": "Directory"}
     env = config_env(docs["cpu-only"], worker)
     assert (env["MESHSERVE_DTYPE"], env["MESHSERVE_THREADS"], env["MESHSERVE_MODEL"]) == (

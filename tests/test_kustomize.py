@@ -84,8 +84,9 @@ def test_the_small_overlay_is_cpu_only_in_its_own_namespace(built):
     (binding,) = of_kind(docs, "RoleBinding").values()
     assert binding["subjects"][0]["namespace"] == "meshserve"
     deployments = deployments_by_component(docs)
-    for deployment in deployments.values():
-        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/meshserve/meshserve:0.1.0"
+    for component, deployment in deployments.items():
+        image = "meshserve-worker" if component == "worker" else "meshserve"  # the CPU worker image, no GPU one
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/meshserve/{image}:0.1.0"
     worker = deployments["worker"]["spec"]["template"]["spec"]
     assert not any("gpu" in key for part in worker["containers"][0]["resources"].values() for key in part)
     assert "tolerations" not in worker

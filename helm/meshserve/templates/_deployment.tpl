@@ -200,7 +200,7 @@ MESHSERVE_CACHE: {{ $v.cache.mountPath | quote }}
 {{- end }}
 {{- if eq .component "gateway" }}
 MESHSERVE_HTTP_PORT: {{ include "meshserve.envValue" $c.httpPort | quote }}
-MESHSERVE_ROUTER: {{ printf "%s-router:%s" $full (include "meshserve.envValue" $v.router.grpcPort) | quote }}
+MESHSERVE_ROUTER: {{ printf "dns:///%s-router:%s" $full (include "meshserve.envValue" $v.router.grpcPort) | quote }}
 MESHSERVE_AGGREGATOR: {{ printf "%s-aggregator:%s" $full (include "meshserve.envValue" $v.aggregator.grpcPort) | quote }}
 {{- if $v.auth.enabled }}
 MESHSERVE_API_KEYS_FILE: /etc/meshserve/api-keys.json
@@ -208,7 +208,7 @@ MESHSERVE_API_KEYS_FILE: /etc/meshserve/api-keys.json
 MESHSERVE_ALLOW_UNAUTHENTICATED: "true"
 {{- end }}
 {{- else if eq .component "aggregator" }}
-MESHSERVE_ROUTER: {{ printf "%s-router:%s" $full (include "meshserve.envValue" $v.router.grpcPort) | quote }}
+MESHSERVE_ROUTER: {{ printf "dns:///%s-router:%s" $full (include "meshserve.envValue" $v.router.grpcPort) | quote }}
 {{- else if eq .component "worker" }}
 {{- if ne $v.model.source "builtin" }}
 MESHSERVE_MODEL: {{ trimSuffix "/" (printf "/models/%s" $v.model.path) | quote }}

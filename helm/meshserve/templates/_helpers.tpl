@@ -57,14 +57,14 @@ app.kubernetes.io/part-of: meshserve
 {{- default (printf "%s-api-keys" (include "meshserve.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
 
-{{/* The CPU image, or the GPU worker image for GPU workers: (dict "root" $ "gpu" bool). */}}
+{{/* A component's image: (dict "root" $ "image" "services"), "worker" (CPU) or "worker-gpu". */}}
 {{- define "meshserve.image" -}}
 {{- $v := .root.Values }}
-{{- if .gpu }}
-{{- printf "%s:%s" $v.worker.gpu.image.repository (default .root.Chart.AppVersion $v.worker.gpu.image.tag) }}
-{{- else }}
-{{- printf "%s:%s" $v.image.repository (default .root.Chart.AppVersion $v.image.tag) }}
+{{- $image := get (dict "services" $v.image "worker" $v.worker.image "worker-gpu" $v.worker.gpu.image) .image }}
+{{- if not $image }}
+{{- fail (printf "meshserve.image: no image %q" .image) }}
 {{- end }}
+{{- printf "%s:%s" $image.repository (default .root.Chart.AppVersion $image.tag) }}
 {{- end }}
 
 {{/* Seconds the kubelet waits after the preStop hook began: the hook, the service's drain, and time to exit. */}}

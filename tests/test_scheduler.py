@@ -130,3 +130,19 @@ def test_kv_cache_memory_settings():
     for bad in ("", "lots", "-1", "0", "12XB", "MiB"):
         with pytest.raises(ValueError, match="kv_cache_memory"):
             kv_cache_bytes(bad, cpu)
+
+
+def test_an_urgent_arrival_prefills_ahead_of_a_less_important_prompt_still_being_prefilled():
+    """The budget after the decodes goes by rank: HIGH's whole prompt runs at the next step, before the
+    LOW prompt that was mid-prefill gets any of it."""
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    decoding, low = sequence(2, LOW), sequence(40, LOW)
+    scheduler.add(decoding)
+    scheduler.add(low)
+    step(scheduler)  # decoding's prompt and 8 of low's
+    urgent = sequence(6, HIGH)
+    urgent.prompt_ids = list(range(100, 106))  # nothing in common with the others' cached prefixes
+    scheduler.add(urgent)
+    assert step(scheduler) == {id(decoding): 1, id(urgent): 6, id(low): 3}
+    assert urgent.output_ids == [7]  # sampled at once: its first token in this very step
+    assert step(scheduler) == {id(decoding): 1, id(urgent): 1, id(low): 8}

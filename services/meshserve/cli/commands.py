@@ -6,84 +6,87 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import grpc
 
-from meshserve.cli.launcher import state_file
+from meshserve.cli.launcher import role_of, state_file
+from meshserve.client import NO_RETRIES, Chunk, Client, MeshClientError, Usage, make_request
 from meshserve.common import config as cfg
 from meshserve.common.channels import health_status, sync_channel
-from meshserve.common.enums import FINISH_REASON_NAMES
-from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
+from meshserve.common.tls import TlsFiles, target_options
+from meshserve.v1 import common_pb2, inference_pb2, router_pb2, router_pb2_grpc
 
 
 def build_request(args: argparse.Namespace) -> inference_pb2.GenerateRequest:
-    sampling = common_pb2.SamplingParams(
-        top_k=args.top_k,
-        stop=args.stop,
-        min_p=args.min_p,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        ignore_eos=args.ignore_eos,
-        min_tokens=args.min_tokens,
-        include_stop_str_in_output=args.include_stop_str,
-    )
+    sampling = {
+        "top_k": args.top_k,
+        "stop": args.stop,
+        "min_p": args.min_p,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "ignore_eos": args.ignore_eos,
+        "min_tokens": args.min_tokens,
+        "include_stop_str_in_output": args.include_stop_str,
+    }
     if args.show_special_tokens:
-        sampling.skip_special_tokens = False
-    if args.repetition_penalty is not None:
-        sampling.repetition_penalty = args.repetition_penalty
-    if args.max_tokens is not None:
-        sampling.max_tokens = args.max_tokens
-    if args.temperature is not None:
-        sampling.temperature = args.temperature
-    if args.top_p is not None:
-        sampling.top_p = args.top_p
-    if args.seed is not None:
-        sampling.seed = args.seed
-    request = inference_pb2.GenerateRequest(
-        model=args.model,
-        sampling=sampling,
-        n=args.n,
-        priority=common_pb2.Priority.Value(f"PRIORITY_{args.priority.upper()}"),
-    )
-    if args.chat:
-        request.messages.messages.add(role="user", content=args.prompt)
-    else:
-        request.prompt = args.prompt
-    return request
+        sampling["skip_special_tokens"] = False
+    # Unset optional fields keep the gateway's defaults.
+    for name in ("repetition_penalty", "max_tokens", "temperature", "top_p", "seed"):
+        if getattr(args, name) is not None:
+            sampling[name] = getattr(args, name)
+    prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
+    return make_request(**prompt, model=args.model, n=args.n, priority=args.priority, **sampling)
+
+
+def local_mesh_tls() -> TlsFiles | None:
+    """The CA and a certificate of the mesh `meshserve up --tls` runs (from its state file), else None."""
+    state = state_file()
+    tls = json.loads(state.read_text()).get("tls") if state.exists() else None
+    return TlsFiles(Path(tls["cert"]), Path(tls["key"]), Path(tls["ca"])) if tls else None
+
+
+def gateway_ca(args: argparse.Namespace) -> str | None:
+    """The CA to verify the gateway with: --tls-ca, else that of `meshserve up --tls` when --gateway is its
+    gateway, else None (plaintext)."""
+    if args.tls_ca:
+        return args.tls_ca
+    tls = local_mesh_tls()
+    if tls is None:
+        return None
+    services = json.loads(state_file().read_text())["services"]
+    return str(tls.ca) if any(s["name"] == "gateway" and s["address"] == args.gateway for s in services) else None
 
 
 def generate_command(args: argparse.Namespace) -> int:
     request = build_request(args)
-    with sync_channel(args.gateway) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        try:
+    try:
+        ca = gateway_ca(args)
+        with Client(args.gateway, api_key=args.api_key, timeout=args.timeout, root_certificates=ca) as client:
             if args.stream:
-                _print_stream(stub.GenerateStream(request, timeout=args.timeout, metadata=_credentials(args)), args.n)
+                with client.stream(request=request) as chunks:
+                    _print_stream(chunks, args.n)
             else:
-                reply = stub.Generate(request, timeout=args.timeout, metadata=_credentials(args))
-                for completion in reply.completions:
+                completion = client.generate(request=request)
+                for output in completion.outputs:
                     if args.n > 1:
-                        print(f"--- [{completion.index}] ({FINISH_REASON_NAMES.get(completion.finish_reason, '?')})")
-                    print(completion.text)
-                _print_usage(reply.usage)
-        except grpc.RpcError as exc:
-            return _report_error(exc, args.gateway)
-        except KeyboardInterrupt:
-            print("\nmeshserve: cancelled", file=sys.stderr)
-            return 130
+                        print(f"--- [{output.index}] ({output.finish_reason or '?'})")
+                    print(output.text)
+                _print_usage(completion.usage)
+    except MeshClientError as exc:
+        return _report_error(exc, args.gateway)
+    except KeyboardInterrupt:
+        print("\nmeshserve: cancelled", file=sys.stderr)
+        return 130
     return 0
 
 
-def _credentials(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """The gateway's API key as gRPC metadata (`authorization: Bearer KEY`), when one is given."""
-    key = getattr(args, "api_key", "")
-    return [("authorization", f"Bearer {key}")] if key else []
-
-
-def _print_stream(stream: grpc.Call, n: int) -> None:
+def _print_stream(chunks: Iterable[Chunk], n: int) -> None:
     """One completion streams as it comes; several are printed each as soon as it finishes."""
     pending: dict[int, list[str]] = {}
-    for chunk in stream:
+    for chunk in chunks:
         if chunk.final:
             if n == 1:
                 print()
@@ -93,27 +96,26 @@ def _print_stream(stream: grpc.Call, n: int) -> None:
         else:
             pending.setdefault(chunk.index, []).append(chunk.text)
             if chunk.finish_reason:
-                reason = FINISH_REASON_NAMES.get(chunk.finish_reason, "?")
-                print(f"--- [{chunk.index}] ({reason})\n{''.join(pending.pop(chunk.index))}", flush=True)
+                print(f"--- [{chunk.index}] ({chunk.finish_reason})\n{''.join(pending.pop(chunk.index))}", flush=True)
 
 
-def _print_usage(usage: common_pb2.Usage) -> None:
+def _print_usage(usage: Usage | None) -> None:
+    usage = usage or Usage()
     print(
         f"[{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens]",
         file=sys.stderr,
     )
 
 
-def _report_error(exc: grpc.RpcError, gateway: str) -> int:
-    code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
+def _report_error(exc: MeshClientError, gateway: str) -> int:
+    if exc.code == grpc.StatusCode.UNAVAILABLE and not exc.tokens_received:
         print(
-            f"meshserve: cannot reach the gateway at {gateway} ({exc.details()}).\n"
+            f"meshserve: cannot reach the gateway at {gateway} ({exc.message}).\n"
             "Is the mesh running? Start it with `meshserve up`, or pass --gateway ADDR.",
             file=sys.stderr,
         )
         return 3
-    print(f"meshserve: {code.name}: {exc.details()}", file=sys.stderr)
+    print(f"meshserve: {exc}", file=sys.stderr)
     return 1
 
 
@@ -132,9 +134,13 @@ def local_mesh_services(gateway: str | None) -> list[dict]:
     ]
 
 
-def print_router_stats(address: str) -> None:
+def _channel_args(tls: TlsFiles | None, role: str) -> dict[str, Any]:
+    return {"credentials": tls.channel_credentials(), "options": target_options(role)} if tls else {}
+
+
+def print_router_stats(address: str, tls: TlsFiles | None = None) -> None:
     """Queues per class and each worker's load, as the router sees them."""
-    with sync_channel(address) as channel:
+    with sync_channel(address, **_channel_args(tls, "router")) as channel:
         stats = router_pb2_grpc.RouterStub(channel).Stats(router_pb2.RouterStatsRequest(), timeout=5)
     queues = ", ".join(
         f"{common_pb2.Priority.Name(q.priority).removeprefix('PRIORITY_').lower()} {q.queued}"
@@ -156,8 +162,8 @@ def print_router_stats(address: str) -> None:
         )
 
 
-def _router_sees_workers_up(router: str) -> bool:
-    with sync_channel(router) as channel:
+def _router_sees_workers_up(router: str, tls: TlsFiles | None) -> bool:
+    with sync_channel(router, **_channel_args(tls, "router")) as channel:
         try:
             stats = router_pb2_grpc.RouterStub(channel).Stats(router_pb2.RouterStatsRequest(), timeout=5)
         except grpc.RpcError:
@@ -167,13 +173,15 @@ def _router_sees_workers_up(router: str) -> bool:
 
 def status_command(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
+    # With `meshserve up --tls`, every check shows its gateway's certificate (Health answers any of the mesh).
+    tls = local_mesh_tls() if args.gateway is None else None
     while True:
         services = local_mesh_services(args.gateway)
-        statuses = {s["name"]: health_status(s["address"]) for s in services}
+        statuses = {s["name"]: health_status(s["address"], **_channel_args(tls, role_of(s["name"]))) for s in services}
         all_serving = all(s == "SERVING" for s in statuses.values())
         routers = [s["address"] for s in services if s["name"].startswith("router")]
         # Ready means the routers have their workers' first load reports too, not only that each process serves.
-        if (all_serving and all(_router_sees_workers_up(r) for r in routers)) or time.monotonic() >= deadline:
+        if (all_serving and all(_router_sees_workers_up(r, tls) for r in routers)) or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
     for service in services:
@@ -184,19 +192,18 @@ def status_command(args: argparse.Namespace) -> int:
     addresses = {s["name"]: s["address"] for s in services}
     gateway = addresses.get("gateway", args.gateway)
     if statuses.get("gateway") == "SERVING":
-        with sync_channel(gateway) as channel:
+        ca = args.tls_ca or (str(tls.ca) if tls else None)
+        with Client(gateway, api_key=args.api_key, timeout=5, retry=NO_RETRIES, root_certificates=ca) as client:
             try:
-                reply = inference_pb2_grpc.InferenceStub(channel).ListModels(
-                    common_pb2.ListModelsRequest(names_only=True), timeout=5, metadata=_credentials(args)
-                )
-            except grpc.RpcError as exc:  # e.g. UNAUTHENTICATED: the gateway wants --api-key
-                print(f"models       {exc.code().name}: {exc.details()}")
+                models = client.list_models()
+            except MeshClientError as exc:  # e.g. UNAUTHENTICATED: the gateway wants --api-key
+                print(f"models       {exc.code.name}: {exc.message}")
             else:
-                for model in reply.models:
+                for model in models:
                     print(f"model        {model.name:<22} context {model.max_context_length} tokens")
     for name, address in addresses.items():
         if name.startswith("router") and statuses[name] == "SERVING":
-            print_router_stats(address)
+            print_router_stats(address, tls)
     if not all_serving:
         print("meshserve: not every service is serving (start the mesh with `meshserve up`)", file=sys.stderr)
         return 3

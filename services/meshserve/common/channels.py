@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,22 +43,44 @@ SERVER_OPTIONS = [
 ]
 
 
-def aio_channel(address: str, traced: bool = True, round_robin: bool = False) -> grpc.aio.Channel:
+def aio_channel(
+    address: str,
+    traced: bool = True,
+    round_robin: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
     """A channel to another service; calls on it carry the caller's trace context. Untraced: no interceptor
     wraps its calls (a long-lived stream that carries each request's trace context in its messages).
-    `round_robin`: calls spread over every address the target resolves to (gRPC's default uses the first)."""
+    `round_robin`: calls spread over every address the target resolves to (gRPC's default uses the first).
+    `credentials`: TLS (grpc.ssl_channel_credentials); None: plaintext. `options`: more channel options (the
+    TLS name the server must have: common/tls.py)."""
     interceptors = client_interceptors() if traced else None
-    options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")] if round_robin else CHANNEL_OPTIONS
+    balancing = [("grpc.lb_policy_name", "round_robin")] if round_robin else []
+    options = [*CHANNEL_OPTIONS, *balancing, *options]
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
-def sync_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def sync_channel(
+    address: str, credentials: grpc.ChannelCredentials | None = None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.Channel:
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=[*CHANNEL_OPTIONS, *options])
+    return grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
 
 
-def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
-    """The grpc.health.v1 status name of a server ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE"."""
-    with sync_channel(address) as channel:
+def health_status(
+    address: str,
+    service: str = "",
+    timeout: float = 2.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> str:
+    """The grpc.health.v1 status name of a server ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE".
+    `credentials` and `options`: as sync_channel's, for a server with TLS."""
+    with sync_channel(address, credentials, options) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

@@ -1,9 +1,11 @@
 """Which tokens of which sequences the next engine step computes (iteration-level scheduling).
 
 Every step has a token budget (`max_num_batched_tokens`) and a seat limit (`max_num_seqs`).
-Running sequences come first, decodes before prompt chunks, so a long prompt is prefilled
-in chunks between the decode steps of the others instead of stalling them. Waiting
-sequences are admitted by priority, then arrival, while seats, budget and KV blocks last.
+Decodes come first (one token per running sequence), so a long prompt is prefilled in chunks
+between the decode steps of the others instead of stalling them. The rest of the budget goes to
+prompt chunks by priority, then arrival, across running and waiting sequences alike: a HIGH
+arrival's prefill starts at the next step even while a LOW prompt is still being prefilled.
+Waiting sequences are admitted while seats, budget and KV blocks last.
 
 When blocks run out the least important running sequence (lowest priority, then newest) is
 preempted: its blocks are freed and it waits to recompute prompt + output so far (its full
@@ -66,16 +68,29 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         step = _Step(self.max_num_batched_tokens)
         self.running.sort(key=lambda s: s.rank)
-        # Decodes first (one token each), then the chunks of prompts still being prefilled.
-        for decoding in (True, False):
-            for sequence in list(self.running):
-                if step.budget == 0:
+        # Decodes first, one token each: every running stream advances every step.
+        for sequence in list(self.running):
+            if step.budget == 0:
+                break
+            if sequence.status == Status.RUNNING and sequence.num_tokens - sequence.num_computed_tokens == 1:
+                self._schedule_running(sequence, 1, step)
+        # Then prompt chunks, by rank across running and waiting sequences: an urgent arrival's prefill
+        # takes the budget before a less important prompt still being prefilled.
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        admitting = True
+        while step.budget > 0:
+            prefilling = [s for s in prefilling if s.status == Status.RUNNING and id(s) not in step.chunks]
+            if admitting and self.waiting and (not prefilling or self.waiting[0].rank < prefilling[0].rank):
+                admitting = self._admit_next(step)  # no room for it: the running prompts still go on
+            elif prefilling:
+                sequence = prefilling[0]
+                self._schedule_running(
+                    sequence, min(sequence.num_tokens - sequence.num_computed_tokens, step.budget), step
+                )
+                if id(sequence) not in step.chunks:  # it gave up its own blocks: nothing more fits
                     break
-                remaining = sequence.num_tokens - sequence.num_computed_tokens
-                if sequence.status != Status.RUNNING or (remaining == 1) != decoding:
-                    continue
-                self._schedule_running(sequence, min(remaining, step.budget), step)
-        self._admit_waiting(step)
+            else:
+                break
         return list(step.chunks.values())
 
     def _schedule_running(self, sequence: Sequence, length: int, step: _Step) -> None:
@@ -88,26 +103,28 @@ class Scheduler:
         self.block_manager.grow(sequence.block_table, needed_tokens)
         step.add(ScheduledChunk(sequence, sequence.num_computed_tokens, length))
 
-    def _admit_waiting(self, step: _Step) -> None:
-        while self.waiting and step.budget > 0:
-            sequence = self.waiting[0]
-            if id(sequence) in step.preempted:
-                return  # it just gave its blocks to a more important sequence; readmitting it would thrash
-            while not self._admissible(sequence):
-                victim = self._lower_priority_victim(sequence)
-                if victim is None:
-                    return
-                self._preempt(victim, step)
-            self.waiting.pop(0)
-            allocation = self.block_manager.allocate(sequence.token_ids)
-            sequence.block_table = allocation.block_table
-            sequence.num_computed_tokens = allocation.num_cached_tokens
-            if sequence.cached_prompt_tokens is None:
-                sequence.cached_prompt_tokens = min(allocation.num_cached_tokens, len(sequence.prompt_ids))
-            sequence.status = Status.RUNNING
-            bisect.insort(self.running, sequence, key=lambda s: s.rank)
-            length = min(sequence.num_tokens - sequence.num_computed_tokens, step.budget)
-            step.add(ScheduledChunk(sequence, sequence.num_computed_tokens, length))
+    def _admit_next(self, step: _Step) -> bool:
+        """Admits the first waiting sequence and schedules its first chunk, preempting less important
+        running ones for a seat or blocks; False when it cannot be admitted this step."""
+        sequence = self.waiting[0]
+        if id(sequence) in step.preempted:
+            return False  # it just gave its blocks to a more important sequence; readmitting it would thrash
+        while not self._admissible(sequence):
+            victim = self._lower_priority_victim(sequence)
+            if victim is None:
+                return False
+            self._preempt(victim, step)
+        self.waiting.pop(0)
+        allocation = self.block_manager.allocate(sequence.token_ids)
+        sequence.block_table = allocation.block_table
+        sequence.num_computed_tokens = allocation.num_cached_tokens
+        if sequence.cached_prompt_tokens is None:
+            sequence.cached_prompt_tokens = min(allocation.num_cached_tokens, len(sequence.prompt_ids))
+        sequence.status = Status.RUNNING
+        bisect.insort(self.running, sequence, key=lambda s: s.rank)
+        length = min(sequence.num_tokens - sequence.num_computed_tokens, step.budget)
+        step.add(ScheduledChunk(sequence, sequence.num_computed_tokens, length))
+        return True
 
     def _admissible(self, sequence: Sequence) -> bool:
         return len(self.running) < self.max_num_seqs and self.block_manager.can_allocate(sequence.token_ids)

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from chart_tls_checks import check_cert_manager
+
 helm = pytest.importorskip("helm_python", reason="pip install -c constraints.txt -e '.[test]'")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -53,6 +55,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "3Gi"}},
         },
         "model": {"source": "hostPath", "hostPath": {"path": "/srv/models"}, "path": "tiny"},
+        "tls": {"source": "secrets", "existingSecrets": {c: f"{c}-tls" for c in COMPONENTS}},
     },
     "autoscaling-off": {
         **{c: {"autoscaling": {"enabled": False}, "replicas": 3} for c in COMPONENTS},
@@ -60,6 +63,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "auth-off": {
         "auth": {"enabled": False},
+        "tls": {"enabled": False},
         "gateway": {"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]}},
         "router": {"discovery": "dns"},
         "rbac": {"create": False},
@@ -70,6 +74,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "auth": {"existingSecret": "tenant-keys", "existingSecretKey": "keys.json"},
         "worker": {"autoscaling": {"kvCacheUsage": {"enabled": True}}},
+        "tls": {
+            "certManager": {"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}},
+            "gatewayDnsNames": ["llm.example.com"],
+        },
     },
 }
 
@@ -97,7 +105,8 @@ def validate_objects(docs: list[dict[str, Any]], version: str) -> list[str]:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
-            assert doc["apiVersion"] == "monitoring.coreos.com/v1", f"no schema for {doc['apiVersion']} {doc['kind']}"
+            custom = ("monitoring.coreos.com/v1", "cert-manager.io/v1")
+            assert doc["apiVersion"] in custom, f"no schema for {doc['apiVersion']} {doc['kind']}"
         except kubernetes_validate.ValidationError as exc:
             where = ".".join(str(p) for p in exc.path)
             problems.append(f"{doc['kind']}/{doc['metadata']['name']} {where}: {exc.message}")
@@ -138,7 +147,8 @@ def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 
 
 def check_containers(docs: list[dict[str, Any]]) -> None:
-    """Resources, native gRPC probes and the restricted security context on every container."""
+    """Resources, probes (native gRPC; with TLS /healthz on the metrics port) and the restricted security context
+    on every container."""
     for name, deployment in of_kind(docs, "Deployment").items():
         pod = deployment["spec"]["template"]["spec"]
         security = pod["securityContext"]
@@ -154,12 +164,18 @@ def check_containers(docs: list[dict[str, Any]]) -> None:
             assert context["capabilities"]["drop"] == ["ALL"] and "add" not in context["capabilities"], where
             assert context["seccompProfile"]["type"] == "RuntimeDefault", where
         for container in pod["containers"]:
-            grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            env = config_env(docs, deployment)
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert container.get(probe, {}).get("grpc") == {"port": grpc_port}, f"{name} {probe}"
+                if "MESHSERVE_TLS_CERT" in env:
+                    expected = {"httpGet": {"path": "/healthz", "port": ports["metrics"]}}
+                    assert int(env["MESHSERVE_METRICS_PORT"]) == ports["metrics"], name
+                else:
+                    expected = {"grpc": {"port": ports["grpc"]}}
+                got = {k: v for k, v in container.get(probe, {}).items() if k in ("grpc", "httpGet")}
+                assert got == expected, f"{name} {probe}"
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             volumes = {v["name"]: v for v in pod["volumes"]}
-            env = config_env(docs, deployment)
             # A read-only root: every place the process writes is an emptyDir.
             for writable in ("/tmp", env["MESHSERVE_CACHE"], env["HOME"]):
                 volume = volumes.get(mounts.get(writable, ""), {})
@@ -361,6 +377,7 @@ def check_service_monitor(docs: list[dict[str, Any]]) -> None:
         assert scraped == set(COMPONENTS), scraped
 
 
+# The fields of cert-manager's v1 Certificate and Issuer specs the chart may set (no bundled schema for them).
 def check_all(docs: list[dict[str, Any]]) -> None:
     check_containers(docs)
     check_exposure(docs)
@@ -370,3 +387,4 @@ def check_all(docs: list[dict[str, Any]]) -> None:
     check_drain(docs)
     check_service_settings(docs)
     check_service_monitor(docs)
+    check_cert_manager(docs)

@@ -99,6 +99,7 @@ def test_a_worker_whose_network_path_drops_everything_is_left_and_its_stream_res
                     "1",
                     "--metrics-port",
                     "0",
+                    "--insecure",  # off loopback (the namespace's address) without TLS, on purpose
                 ]
                 address = f"{NAMESPACE_SIDE}:{port}"
                 with open(tmp_path / f"worker-{port}.log", "w") as log:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -311,3 +312,38 @@ def test_a_sequence_larger_than_the_pool_fails_instead_of_waiting_forever(model_
         engine.stop()
     assert result.finish == Finish.ERROR and "the pool has 4" in result.outputs[-1].error
     assert fits.finish in (Finish.LENGTH, Finish.STOP)
+
+
+def test_constrained_and_free_sequences_share_steps_on_every_path(model_dir, tokenizer, path):
+    """A grammar masks only its own row: batched with free sequences (and under a small pool that preempts),
+    each constrained output is valid and the same as run alone; the free ones are untouched."""
+    import json
+
+    import jsonschema
+
+    from meshserve.common.structured import grammar_of
+    from meshserve.v1 import common_pb2
+
+    schema = {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "maximum": 999}, "tag": {"enum": ["a", "b"]}},
+        "required": ["id", "tag"],
+        "additionalProperties": False,
+    }
+    grammar = grammar_of(common_pb2.StructuredOutput(json_schema=json.dumps(schema)))
+    requests = mixed_requests(12, seed=4, vocab=256, longest=120)
+    for i in range(0, len(requests), 2):
+        prompt, options = requests[i]
+        requests[i] = (prompt, dataclasses.replace(options, max_tokens=60, grammar=grammar))
+    engine = start_engine(model_dir, path=path, num_blocks=40, max_num_batched_tokens=96)
+    try:
+        alone = run_alone(engine, tokenizer, requests)
+        batched = run_all(engine, tokenizer, requests)
+        assert_no_leaks(engine)
+    finally:
+        engine.stop()
+    assert [r.tokens for r in batched] == alone
+    for i in range(0, len(requests), 2):
+        result = batched[i]
+        assert result.finish == Finish.STOP, tokenizer.decode(result.tokens)
+        jsonschema.validate(json.loads(tokenizer.decode(result.tokens)), schema)

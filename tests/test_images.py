@@ -48,6 +48,8 @@ VALUES: dict[str, Any] = {
         "config": {"threads": 1, "kvCacheMemory": "256MiB", "maxNumSeqs": 4},
     },
     "auth": {"tenants": [{"name": "images", "key_sha256": [hashlib.sha256(API_KEY.encode()).hexdigest()]}]},
+    # The stand-in cluster has no cert-manager to fill the TLS Secrets; mutual TLS is tests/test_tls.py's.
+    "tls": {"enabled": False},
 }
 # The model stack: in the worker image, never in the services image.
 MODEL_STACK = ("torch", "transformers", "safetensors", "numpy")

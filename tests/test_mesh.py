@@ -220,6 +220,18 @@ def test_deadline_reaches_the_worker(mesh):
     assert worker_load(mesh).running_sequences == 0
 
 
+def test_a_unary_answer_cut_by_its_deadline_is_deadline_exceeded_never_a_partial_ok(mesh):
+    """The worker ends a sequence whose deadline passed as CANCELLED a moment before the caller's own clock
+    does; the gateway must not turn that race into an OK carrying half an answer."""
+    request = inference_pb2.GenerateRequest(
+        prompt="Hello", sampling=common_pb2.SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
+    )
+    for timeout in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8):
+        with pytest.raises(grpc.RpcError) as caught:
+            inference(mesh).Generate(request, timeout=timeout)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (timeout, caught.value)
+
+
 def test_list_models_names_the_builtin_model(mesh):
     reply = inference(mesh).ListModels(common_pb2.ListModelsRequest(names_only=True), timeout=5)
     assert [m.name for m in reply.models] == ["meshserve-tiny"]

@@ -32,20 +32,35 @@ def test_json_schema_output_validates_for_50_seeds_streamed_and_not(client):
         assert text == choice.message.content, seed
 
 
-def test_a_regex_and_a_choice_hold_on_both_endpoints(client):
-    for seed in range(10):
-        regex = {"structured_outputs": {"regex": REGEX}}
+def test_a_regex_and_a_choice_hold_for_50_seeds_streamed_and_not_on_both_endpoints(client):
+    regex = {"structured_outputs": {"regex": REGEX}}
+    choice = {"structured_outputs": {"choice": CHOICES}}
+    for seed in range(50):
         text = (
             client.completions.create(model="meshserve-tiny", prompt="Say", seed=seed, max_tokens=40, extra_body=regex)
             .choices[0]
             .text
         )
         assert re.fullmatch(REGEX, text), (seed, text)
-        answer = client.chat.completions.create(
-            model="meshserve-tiny", messages=MESSAGES, seed=seed, max_tokens=20,
-            extra_body={"structured_outputs": {"choice": CHOICES}},
-        ).choices[0].message.content  # fmt: skip
+        streamed = client.completions.create(
+            model="meshserve-tiny", prompt="Say", seed=seed, max_tokens=40, extra_body=regex, stream=True
+        )
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+        answer = (
+            client.chat.completions.create(
+                model="meshserve-tiny", messages=MESSAGES, seed=seed, max_tokens=20, extra_body=choice
+            )
+            .choices[0]
+            .message.content
+        )
         assert answer in CHOICES
+        streamed = client.chat.completions.create(
+            model="meshserve-tiny", messages=MESSAGES, seed=seed, max_tokens=20, extra_body=choice, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == answer
+
+
+def test_a_grammar_and_json_object_mode(client):
     grammar = 'start: "[" WORD ("," WORD)* "]"\nWORD: /[a-z]{1,5}/'
     lark = {"structured_outputs": {"grammar": grammar}}
     text = (

@@ -277,3 +277,21 @@ def test_a_draining_worker_gets_no_new_work(loop_thread):
         stats = worker_stats(stub)
         assert stats[workers[0].address].dispatched == 0
         assert stats[workers[1].address].dispatched == 4
+
+
+def test_a_workers_load_counts_every_routers_sequences_and_what_this_one_sent_since():
+    """Two routers share a worker: its report counts both routers' sequences; this router adds only what it
+    sent that the report had not seen (its in-flight beyond the report's share of its own stream)."""
+    from meshserve.router.workers import WorkerEndpoint
+    from meshserve.v1 import worker_pb2
+
+    worker = WorkerEndpoint("w:1", stub=None, channel=None)  # type: ignore[arg-type]
+    worker.in_flight = 5  # this router's: 3 the worker had counted when it reported, 2 sent since
+    worker.load = worker_pb2.LoadReport(running_sequences=7, waiting_sequences=1, stream_sequences=3, max_num_seqs=8)
+    assert worker.busy == 8 + 2  # 4 of another router's, 3 + 2 of ours, 1 waiting
+    worker.connected = True
+    assert not worker.has_room()
+    worker.load.stream_sequences = 5
+    assert worker.busy == 8 and not worker.has_room()
+    worker.load.running_sequences, worker.load.waiting_sequences = 5, 0
+    assert worker.busy == 5 and worker.has_room()

@@ -94,6 +94,20 @@ def test_constrained_and_free_sequences_share_a_step_and_n_keeps_its_meaning(stu
     assert stub.Generate(free, timeout=60).completions[0].text is not None
 
 
+def test_best_of_and_a_batch_keep_their_meaning_with_a_constraint(stub):
+    request = structured_request(5, json_schema=json.dumps(PERSON))
+    request.best_of = 3
+    (best,) = stub.Generate(request, timeout=60).completions
+    jsonschema.validate(json.loads(best.text), PERSON)
+    batch = structured_request(6, regex=REGEX)
+    batch.ClearField("prompt")
+    for prompt in ("First", "Second", "Third"):
+        batch.batch.inputs.add(prompt=prompt)
+    reply = stub.Generate(batch, timeout=60)
+    assert len(reply.completions) == 3
+    assert all(re.fullmatch(REGEX, c.text) for c in reply.completions), [c.text for c in reply.completions]
+
+
 @pytest.mark.parametrize(
     ("structured", "field", "says"),
     [

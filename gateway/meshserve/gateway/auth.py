@@ -13,7 +13,6 @@ NORMAL, or the tenant's ceiling when that is lower.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from typing import Any
 
 from meshserve.common.enums import PRIORITY_BY_NAME, PRIORITY_NAMES
 from meshserve.common.errors import permission_denied, unauthenticated
+from meshserve.common.tls import is_loopback  # noqa: F401  (the gateway's rule for keys, and TLS's)
 from meshserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -66,15 +66,6 @@ ANONYMOUS = Tenant("anonymous", max_priority=common_pb2.PRIORITY_CRITICAL)
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_keys(data: Any) -> dict[str, Tenant]:

@@ -24,7 +24,9 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from meshserve.common.config import GatewayConfig
-from meshserve.common.errors import MeshError, from_rpc_error, retry_delay_seconds
+from meshserve.common.errors import MeshError, for_clients, from_rpc_error, retry_delay_seconds
+from meshserve.common.logs import current_request_id
+from meshserve.common.tls import TlsFiles
 from meshserve.gateway.http_openai import (
     OpenAIRequest,
     ResponseShaper,
@@ -36,7 +38,7 @@ from meshserve.gateway.http_openai import (
 )
 from meshserve.gateway.infer import Infer
 from meshserve.gateway.metrics import RequestObserver
-from meshserve.gateway.openai_errors import ERROR_TYPES, BodyTooLarge, UnsupportedMediaType, error_body
+from meshserve.gateway.openai_errors import ERROR_TYPES, BodyTimeout, BodyTooLarge, UnsupportedMediaType, error_body
 from meshserve.gateway.openai_responses import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,12 @@ PAGE_HEADERS = {
 class HttpServer:
     runner: web.AppRunner
     address: str
+    tls: bool = False
 
     @property
     def url(self) -> str:
         host, port = self.address.rsplit(":", 1)
-        return f"http://{host}:{port}/"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}/"
 
     async def stop(self) -> None:
         """Closes the port, lets running requests finish (up to the site's shutdown timeout), then cancels them."""
@@ -130,7 +133,9 @@ class OpenAIApi:
     ) -> web.StreamResponse:
         # Who is asking comes first: a caller without a key learns nothing about the body it sent.
         tenant = self.infer.authenticate(request.headers.get("Authorization"))
-        parsed = parse(parse_body(await self._body(request)))
+        body = await self._body(request)
+        # In a thread, as tokenising is: parsing megabytes of JSON must not stall other streams.
+        parsed = await asyncio.to_thread(lambda: parse(parse_body(body)))
         request[PARSED] = parsed
         if "X-Request-Id" in request.headers:
             parsed.request.request_id = request.headers["X-Request-Id"]
@@ -163,6 +168,7 @@ class OpenAIApi:
                 # Headers are gone: the error travels as an event, which OpenAI clients raise.
                 error = exc if isinstance(exc, MeshError) else from_rpc_error(exc)
                 observer.outcome = error
+                error = for_clients(error, request_id)
                 await response.write(_sse(error_body(error, parsed.body)[1].model_dump_json()))
             await response.write_eof()
             return response
@@ -178,9 +184,15 @@ class OpenAIApi:
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(request.content_length, limit)
         try:
-            return await request.read()
+            async with asyncio.timeout(self.config.http_body_seconds):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(None, limit) from None
+        except TimeoutError:
+            raise BodyTimeout(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"body: not all of it arrived within {self.config.http_body_seconds:g} s (--http-body-seconds)",
+            ) from None
 
 
 def _too_large(size: int | None, limit: int) -> MeshError:
@@ -193,8 +205,11 @@ def _sse(event_json: str) -> bytes:
 
 
 def error_response(error: MeshError, parsed: OpenAIRequest | None) -> web.Response:
-    status, body = error_body(error, parsed.body if parsed is not None else None)
-    headers = {}
+    """The error in OpenAI's shape; a private one (an address, an exception's text) in the stable words of
+    for_clients, its details logged under the request id, which the response carries."""
+    request_id = current_request_id.get()
+    status, body = error_body(for_clients(error, request_id), parsed.body if parsed is not None else None)
+    headers = {"X-Request-Id": request_id} if request_id else {}
     delay = retry_delay_seconds(error)
     if delay is not None:
         headers["Retry-After"] = str(max(1, math.ceil(delay)))
@@ -225,8 +240,21 @@ async def openai_errors(request: web.Request, handler: Callable[[web.Request], A
         raise
     except Exception as exc:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        error = MeshError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-        return error_response(error, None)
+        return error_response(MeshError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"), None)
+
+
+def bound_connections(server: web.Server, limit: int) -> None:
+    """Past `limit` open connections, each new one is closed as it arrives: descriptors stay bounded."""
+    accept = server.connection_made
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        accept(handler, transport)
+        if len(server.connections) > limit:
+            log.warning("closing a new HTTP connection: %d are open (--http-max-connections)", limit)
+            handler.force_close()
+            transport.close()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 def build_app(infer: Infer, config: GatewayConfig) -> web.Application:
@@ -237,16 +265,22 @@ def build_app(infer: Infer, config: GatewayConfig) -> web.Application:
     return app
 
 
-async def start_http(infer: Infer, config: GatewayConfig) -> HttpServer:
-    """Serves the HTTP API on config.host:config.http_port (0 picks a free port) in the running loop."""
+async def start_http(infer: Infer, config: GatewayConfig, tls: TlsFiles | None = None) -> HttpServer:
+    """Serves the HTTP API on config.host:config.http_port (0 picks a free port) in the running loop; HTTPS
+    with `tls` (its certificate re-read when the files change; no client certificate asked for)."""
     runner = web.AppRunner(
         build_app(infer, config),
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=config.drain_seconds,
+        # Closes a connection idle this long, or one still sending a request's headers (aiohttp arms it when the
+        # connection opens and after each response): slow-loris headers are cut.
+        keepalive_timeout=config.http_keepalive_seconds,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.http_port)
+    assert runner.server is not None
+    bound_connections(runner.server, config.http_max_connections)
+    site = web.TCPSite(runner, config.host, config.http_port, ssl_context=tls.ssl_context() if tls else None)
     try:
         await site.start()
     except OSError as exc:
@@ -257,5 +291,6 @@ async def start_http(infer: Infer, config: GatewayConfig) -> HttpServer:
         ) from exc
     host, port = runner.addresses[0][:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    log.info("OpenAI-compatible API and chat page on http://%s/", address)
-    return HttpServer(runner, address)
+    served = HttpServer(runner, address, tls is not None)
+    log.info("OpenAI-compatible API and chat page on %s", served.url)
+    return served

@@ -7,15 +7,19 @@ translate and call it, so both share one path for validation, limits and the mes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from meshserve.common.config import GatewayConfig
-from meshserve.common.errors import not_found
+from meshserve.common.errors import MeshError, for_clients, not_found
 from meshserve.common.logs import current_request_id
 from meshserve.common.metrics import new_registry
 from meshserve.common.models import ModelCatalog
@@ -29,6 +33,8 @@ from meshserve.gateway.validation import ValidatedRequest, validate
 from meshserve.v1 import common_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
+
+LIST_MODELS_TTL_S = 2.0
 
 
 class Infer:
@@ -78,7 +84,7 @@ class Infer:
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         validated = admission.validated
         prompt_tokens = len(validated.token_request.prompt_token_ids)
-        used = prompt_tokens
+        used = validated.prompt_tokens  # then what was generated, as it comes: a cancelled stream pays for it
         finished: list[common_pb2.Usage] = []
         final = False  # a fan-out ends with its own, with the usage the aggregator counted
         texts: dict[int, list[str]] = {}
@@ -105,18 +111,21 @@ class Infer:
                 _log_output({index: "".join(parts) for index, parts in texts.items()})
 
     async def complete(self, admission: Admission, timeout: float | None) -> inference_pb2.GenerateResponse:
-        used = len(admission.validated.token_request.prompt_token_ids)
+        # Counted as the tokens come, so a call cancelled half way is charged what it was generated.
+        spent = Spent(admission.validated.prompt_tokens)
         try:
-            reply = await self._complete(admission.validated, timeout, admission.observer)
-            used = reply.usage.total_tokens
+            reply = await self._complete(admission.validated, timeout, admission.observer, spent)
+            spent.tokens = reply.usage.total_tokens
             if self.config.log_text:
                 _log_output({c.index: c.text for c in reply.completions})
             return reply
         finally:
-            admission.reservation.settle(used)
+            admission.reservation.settle(spent.tokens)
 
     async def list_models(self, names_only: bool) -> list[common_pb2.ModelInfo]:
-        await self.catalog.refresh()
+        # From the catalog, read again at most every LIST_MODELS_TTL_S: a caller listing in a loop costs the
+        # router nothing more.
+        await self.catalog.refresh_if_older(LIST_MODELS_TTL_S)
         models = []
         for served in self.catalog.models.values():
             info = common_pb2.ModelInfo()
@@ -127,7 +136,7 @@ class Infer:
         return models
 
     async def _complete(
-        self, validated: ValidatedRequest, timeout: float | None, observer: RequestObserver | None
+        self, validated: ValidatedRequest, timeout: float | None, observer: RequestObserver | None, spent: Spent
     ) -> inference_pb2.GenerateResponse:
         # By index: a fan-out may leave indices out (dedupe) and finish them in any order.
         completions: dict[int, inference_pb2.Completion] = {}
@@ -138,6 +147,7 @@ class Infer:
             if message.final:
                 total = message.usage
                 continue
+            spent.tokens += len(message.token_ids)
             completion = completions.setdefault(message.index, inference_pb2.Completion(index=message.index))
             completion.token_ids.extend(message.token_ids)
             completion.logprobs.extend(message.logprobs)
@@ -156,6 +166,12 @@ class Infer:
                 completion.finish_reason = message.finish_reason
                 completion.usage.CopyFrom(message.usage)
         ordered = [completions[index] for index in sorted(completions)]
+        cut = [c for c in ordered if c.finish_reason == common_pb2.FINISH_REASON_CANCELLED]
+        if cut:  # a whole answer cannot be cut short: a unary caller's only cancel is its deadline
+            tokens = sum(len(c.token_ids) for c in cut)
+            raise MeshError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline passed after {tokens} tokens were generated"
+            )
         for completion in ordered:
             completion.text = "".join(texts[completion.index])
             completion.tool_calls.extend(call for _, call in sorted(calls.get(completion.index, {}).items()))
@@ -174,7 +190,8 @@ class Infer:
                 available = ", ".join(sorted(self.catalog.models)) or "none yet (the workers are still starting)"
                 raise not_found("model", f"unknown model {request.model[:200]!r}; available: {available}")
         model = self.catalog.resolve(request.model)
-        validated = validate(request, model, self.config.default_max_tokens, self.config.max_n)
+        # In a thread: tokenising a long prompt or rendering a chat template must not stall other streams.
+        validated = await asyncio.to_thread(validate, request, model, self.config.default_max_tokens, self.config.max_n)
         current_request_id.set(validated.token_request.request_id)
         return validated
 
@@ -184,24 +201,34 @@ class Infer:
         """A single output goes to the router; a fan-out to the aggregator, which sends its sub-requests through
         the router. Either way the messages come as the public ones (mesh_client), given the request id here."""
         request_id = validated.token_request.request_id
-        with observer.calling() if observer is not None else contextlib.nullcontext():
-            if validated.fan_out is None:
-                stream = self.mesh.generate(validated.token_request, timeout)
-            else:
-                # The parent as admitted (tenant, priority), which may differ from what validation saw.
-                validated.fan_out.request.CopyFrom(validated.token_request)
-                stream = self.mesh.fan_out(validated.fan_out, timeout)
+        # The request's span is the parent of its calls into the mesh (the current context otherwise).
+        parent = trace.set_span_in_context(observer.span) if observer is not None else otel_context.get_current()
+        if validated.fan_out is None:
+            stream = self.mesh.generate(validated.token_request, timeout, parent)
+        else:
+            # The parent as admitted (tenant, priority), which may differ from what validation saw.
+            validated.fan_out.request.CopyFrom(validated.token_request)
+            stream = self.mesh.fan_out(validated.fan_out, timeout, parent)
         # With tools, each index's output is read as calls (gateway/tools.py) before anyone sees it.
         readers: dict[int, ToolCallStream] = {}
         # Our consumer stopped or was cancelled: closing the stream cancels its call.
         async with contextlib.aclosing(stream):
             async for message in stream:
                 message.request_id = request_id
+                if message.HasField("error"):  # one index's failure, relayed in the stream (best_effort)
+                    message.error.CopyFrom(for_clients(MeshError.of_status(message.error), request_id).error_status())
                 if validated.tools is not None and not message.final:
                     readers.setdefault(message.index, ToolCallStream(validated.tools)).read(message)
                 if observer is not None and not message.final:
                     observer.tokens(message.index, len(message.token_ids), message.finish_reason)
                 yield message
+
+
+@dataclass
+class Spent:
+    """Tokens a request has cost so far."""
+
+    tokens: int
 
 
 @dataclass
@@ -236,8 +263,8 @@ def _log_output(texts: dict[int, str]) -> None:
 
 
 def _token_budget(request: inference_pb2.GenerateRequest, validated: ValidatedRequest) -> int:
-    """The most tokens a request may use: its prompt and max_tokens for every completion it generates."""
+    """The most tokens a request may use: its prompts (a batch's or a map-reduce's too) and max_tokens for every
+    completion it generates."""
     completions = max(validated.n, request.best_of)
     inputs = max(1, len(request.batch.inputs))
-    prompt = len(validated.token_request.prompt_token_ids)
-    return inputs * (prompt + completions * validated.token_request.sampling.max_tokens)
+    return validated.prompt_tokens + inputs * completions * validated.token_request.sampling.max_tokens

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from meshserve.common.errors import from_rpc_error
 from meshserve.common.routers import Routers
@@ -29,13 +31,21 @@ class MeshClient:
             response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
         )
 
-    def generate(self, request, timeout: float | None) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        return self.routers.generate(request, timeout)
+    def generate(
+        self, request, timeout: float | None, parent: Context | None = None
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        """`parent`: the trace context its calls into the mesh are made in (every attempt's)."""
+        return self.routers.generate(request, timeout, parent)
 
     async def fan_out(
-        self, request: aggregator_pb2.FanOutRequest, timeout: float | None
+        self, request: aggregator_pb2.FanOutRequest, timeout: float | None, parent: Context | None = None
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        call = self._fan_out(request, timeout=timeout)
+        token = otel_context.attach(parent) if parent is not None else None
+        try:
+            call = self._fan_out(request, timeout=timeout)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         try:
             async for message in call:
                 yield message

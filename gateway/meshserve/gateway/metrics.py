@@ -11,7 +11,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagate import extract
 from opentelemetry.trace import Span, Status, StatusCode
@@ -141,12 +140,6 @@ class RequestObserver:
                 "meshserve.tenant": request.tenant,
             }
         )
-
-    @contextmanager
-    def calling(self) -> Iterator[None]:
-        """Makes the request's span the parent of the call into the mesh that is created inside the block."""
-        with trace.use_span(self.span, end_on_exit=False):
-            yield
 
     def tokens(self, index: int, count: int, finish_reason: int = 0) -> None:
         if not count and not finish_reason:

@@ -29,6 +29,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     499: "cancelled",
@@ -67,6 +68,13 @@ class BodyTooLarge(HttpError):
     """413 (gRPC's message size limit is RESOURCE_EXHAUSTED)."""
 
     http_status = 413
+
+
+class BodyTimeout(HttpError):
+    """408: a body still arriving after --http-body-seconds (trickled a byte at a time, it would hold the
+    connection and its buffer for as long as the sender likes)."""
+
+    http_status = 408
 
 
 class UnsupportedMediaType(HttpError):

@@ -4,6 +4,10 @@ The tokens bucket is charged before a request runs with what it may use at most 
 max_tokens for each completion) and settled when it ends with what it used, so a tenant that
 asks for long answers and gets short ones is not charged for the difference. Each tenant has
 its own buckets: one tenant over its limit never delays another.
+
+Buckets live in one gateway process. With N gateways behind one keys file, each enforces 1/N of every
+limit (`replicas`, --gateway-replicas), so together they allow the tenant its limit when its traffic spreads
+evenly over them.
 """
 
 from __future__ import annotations
@@ -61,8 +65,11 @@ class Reservation:
 
 
 class RateLimiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, replicas: int = 1) -> None:
+        if replicas < 1:
+            raise ValueError(f"the gateway replicas sharing the limits must be at least 1, not {replicas}")
         self.clock = clock
+        self.replicas = replicas
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
 
@@ -70,14 +77,13 @@ class RateLimiter:
         """Counts one request; RESOURCE_EXHAUSTED with RetryInfo when the tenant is over requests_per_second."""
         if not tenant.requests_per_second:
             return
+        limit = tenant.requests_per_second / self.replicas
         # A burst of one second's requests (at least one) is allowed.
-        bucket = self._bucket(
-            self._requests, tenant.name, tenant.requests_per_second, max(1.0, tenant.requests_per_second)
-        )
+        bucket = self._bucket(self._requests, tenant.name, limit, max(1.0, limit))
         wait = bucket.take(1, self.clock())
         if wait:
             raise resource_exhausted(
-                f"tenant {tenant.name!r} is over its limit of {tenant.requests_per_second:g} requests per second; "
+                f"tenant {tenant.name!r} is over its limit of {limit:g} requests per second{self._share}; "
                 f"retry in {wait:.2f} s",
                 wait,
             )
@@ -86,15 +92,20 @@ class RateLimiter:
         """Charges up to `tokens`; RESOURCE_EXHAUSTED with RetryInfo when the tenant is over tokens_per_minute."""
         if not tenant.tokens_per_minute:
             return Reservation(None, 0, self.clock)
-        bucket = self._bucket(self._tokens, tenant.name, tenant.tokens_per_minute / 60, tenant.tokens_per_minute)
+        limit = tenant.tokens_per_minute / self.replicas
+        bucket = self._bucket(self._tokens, tenant.name, limit / 60, limit)
         wait = bucket.take(tokens, self.clock())
         if wait:
             raise resource_exhausted(
-                f"tenant {tenant.name!r} is over its limit of {tenant.tokens_per_minute:g} tokens per minute "
+                f"tenant {tenant.name!r} is over its limit of {limit:g} tokens per minute{self._share} "
                 f"(this request may use {tokens}: prompt + max_tokens for each completion); retry in {wait:.2f} s",
                 wait,
             )
         return Reservation(bucket, min(tokens, bucket.capacity), self.clock)
+
+    @property
+    def _share(self) -> str:
+        return f" (its share on this gateway, one of {self.replicas})" if self.replicas > 1 else ""
 
     def _bucket(self, buckets: dict[str, TokenBucket], name: str, per_second: float, capacity: float) -> TokenBucket:
         bucket = buckets.get(name)

@@ -18,6 +18,9 @@ from meshserve.gateway.tools import ToolUse, template_message, template_tools, t
 from meshserve.v1 import aggregator_pb2, common_pb2, inference_pb2
 
 MAX_PROMPT_BYTES = 4 * 1024 * 1024
+# The largest request message the public gRPC port receives: a prompt (or a batch's prompts, which share one
+# MAX_PROMPT_BYTES) with room for everything else a valid request holds (sampling, stop strings, a grammar).
+MAX_REQUEST_BYTES = 2 * MAX_PROMPT_BYTES
 MAX_MESSAGES = 4096  # a conversation's turns; far above any context, far below what would stall the loop
 FAN_OUT_INPUTS = ("batch", "map_reduce")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
@@ -32,6 +35,8 @@ class ValidatedRequest:
     fan_out: aggregator_pb2.FanOutRequest | None = None
     # Set when the request has tools: how its output is read (gateway/tools.py).
     tools: ToolUse | None = None
+    # What its prompts cost the tenant: the prompt, a batch's inputs together, or a map-reduce's text.
+    prompt_tokens: int = 0
 
 
 def validate(
@@ -122,7 +127,13 @@ def validate(
             fan_out.map_reduce.chunk_tokens = task.chunk_tokens
             if task.HasField("map_sampling"):
                 fan_out.map_reduce.map_sampling.CopyFrom(task.map_sampling)
-    return ValidatedRequest(token_request, n, model, fan_out, use)
+    if kind == "batch":
+        prompt_tokens = sum(len(item.prompt_token_ids) for item in inputs)
+    elif kind == "map_reduce":  # the aggregator tokenises it again to split it; counted here to charge it
+        prompt_tokens = len(model.tokenizer.encode(request.map_reduce.text))
+    else:
+        prompt_tokens = len(prompt_ids)
+    return ValidatedRequest(token_request, n, model, fan_out, use, prompt_tokens)
 
 
 def _batch_inputs(
@@ -137,6 +148,11 @@ def _batch_inputs(
     under best_effort one input too long fails alone."""
     if not 1 <= len(batch.inputs) <= max_n:
         violations.append(("batch.inputs", f"must hold between 1 and {max_n} inputs, got {len(batch.inputs)}"))
+        return []
+    # All inputs together are bounded as one prompt is, before any is tokenised.
+    size = sum(item.ByteSize() for item in batch.inputs)
+    if size > MAX_PROMPT_BYTES:
+        violations.append(("batch.inputs", f"must be at most {MAX_PROMPT_BYTES} bytes in all, got {size}"))
         return []
     context, vocab_size = model.info.max_context_length, model.info.vocab_size
     inputs = []

@@ -81,7 +81,7 @@ spec:
             - name: grpc
               containerPort: {{ $c.grpcPort }}
               protocol: TCP
-            {{- if $v.metrics.enabled }}
+            {{- if include "meshserve.metricsPortOpen" $root }}
             - name: metrics
               containerPort: {{ $c.metricsPort }}
               protocol: TCP
@@ -113,19 +113,22 @@ spec:
             {{- with $c.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
-          {{- /* Native gRPC probes on grpc.health.v1: NOT_SERVING while loading and while draining. The kubelet
-               stops liveness probes once the pod is being deleted, so a draining pod is not restarted. */}}
+          {{- /* grpc.health.v1 says NOT_SERVING while loading and while draining; the kubelet stops liveness probes
+               once the pod is being deleted, so a draining pod is not restarted. Without TLS: native gRPC probes.
+               With TLS the gRPC port answers only the mesh's certificates (and gRPC probes speak no TLS): the
+               same status as /healthz on the plaintext metrics port. */}}
+          {{- $probe := printf "grpc:\n  port: %v" $c.grpcPort }}
+          {{- if $v.tls.enabled }}
+          {{- $probe = printf "httpGet:\n  path: /healthz\n  port: %v" $c.metricsPort }}
+          {{- end }}
           startupProbe:
-            grpc:
-              port: {{ $c.grpcPort }}
+            {{- $probe | nindent 12 }}
             {{- toYaml $c.probes.startup | nindent 12 }}
           readinessProbe:
-            grpc:
-              port: {{ $c.grpcPort }}
+            {{- $probe | nindent 12 }}
             {{- toYaml $c.probes.readiness | nindent 12 }}
           livenessProbe:
-            grpc:
-              port: {{ $c.grpcPort }}
+            {{- $probe | nindent 12 }}
             {{- toYaml $c.probes.liveness | nindent 12 }}
           {{- if gt (int $c.preStopSleepSeconds) 0 }}
           lifecycle:
@@ -142,6 +145,12 @@ spec:
               mountPath: /tmp
             - name: cache
               mountPath: {{ $v.cache.mountPath }}
+            {{- if $v.tls.enabled }}
+            {{- /* The whole Secret, not subPaths: a renewed certificate reaches the running servers. */}}
+            - name: tls
+              mountPath: /etc/meshserve-tls
+              readOnly: true
+            {{- end }}
             {{- with .mounts }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -152,6 +161,15 @@ spec:
         - name: cache
           emptyDir:
             sizeLimit: {{ $v.cache.sizeLimit }}
+        {{- if $v.tls.enabled }}
+        - name: tls
+          secret:
+            secretName: {{ include "meshserve.tlsSecretName" (dict "root" $root "component" .component) }}
+            items:
+              - {key: tls.crt, path: tls.crt}
+              - {key: tls.key, path: tls.key}
+              - {key: ca.crt, path: ca.crt}
+        {{- end }}
         {{- with .volumes }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -186,11 +204,18 @@ spec:
 {{- $full := include "meshserve.fullname" $root }}
 MESHSERVE_HOST: {{ $v.listenHost | quote }}
 MESHSERVE_PORT: {{ include "meshserve.envValue" $c.grpcPort | quote }}
-MESHSERVE_METRICS_PORT: {{ ternary (include "meshserve.envValue" $c.metricsPort) "0" $v.metrics.enabled | quote }}
+MESHSERVE_METRICS_PORT: {{ ternary (include "meshserve.envValue" $c.metricsPort) "0" (eq (include "meshserve.metricsPortOpen" $root) "true") | quote }}
 MESHSERVE_LOG_LEVEL: {{ $v.logLevel | quote }}
 MESHSERVE_DRAIN_SECONDS: {{ include "meshserve.envValue" $c.drainSeconds | quote }}
 MESHSERVE_TRACE: {{ ternary $v.tracing.exporter "none" $v.tracing.enabled | quote }}
 MESHSERVE_CACHE: {{ $v.cache.mountPath | quote }}
+{{- if $v.tls.enabled }}
+MESHSERVE_TLS_CERT: /etc/meshserve-tls/tls.crt
+MESHSERVE_TLS_KEY: /etc/meshserve-tls/tls.key
+MESHSERVE_TLS_CA: /etc/meshserve-tls/ca.crt
+{{- else }}
+MESHSERVE_INSECURE: "true"
+{{- end }}
 {{- range $key, $value := $c.config }}
 {{- /* A values file's bare `compile: off` arrives as false (YAML 1.1); the worker takes auto, on or off. */}}
 {{- if and (eq $key "compile") (kindIs "bool" $value) }}
@@ -200,6 +225,8 @@ MESHSERVE_CACHE: {{ $v.cache.mountPath | quote }}
 {{- end }}
 {{- if eq .component "gateway" }}
 MESHSERVE_HTTP_PORT: {{ include "meshserve.envValue" $c.httpPort | quote }}
+{{- /* Rate limits are per gateway process: each enforces 1/N of a tenant's (the autoscaler's floor). */}}
+MESHSERVE_GATEWAY_REPLICAS: {{ ternary $c.autoscaling.minReplicas $c.replicas $c.autoscaling.enabled | quote }}
 MESHSERVE_ROUTER: {{ printf "dns:///%s-router:%s" $full (include "meshserve.envValue" $v.router.grpcPort) | quote }}
 MESHSERVE_AGGREGATOR: {{ printf "%s-aggregator:%s" $full (include "meshserve.envValue" $v.aggregator.grpcPort) | quote }}
 {{- if $v.auth.enabled }}

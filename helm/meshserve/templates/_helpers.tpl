@@ -57,6 +57,21 @@ app.kubernetes.io/part-of: meshserve
 {{- default (printf "%s-api-keys" (include "meshserve.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
 
+{{/* The Secret with a component's TLS files (tls.crt, tls.key, ca.crt): (dict "root" $ "component" "router"). */}}
+{{- define "meshserve.tlsSecretName" -}}
+{{- $tls := .root.Values.tls }}
+{{- if eq $tls.source "secrets" }}
+{{- index $tls.existingSecrets .component }}
+{{- else }}
+{{- printf "%s-tls" (include "meshserve.componentName" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The metrics port is open for scrapers (metrics.enabled) and, with TLS, for the probes' /healthz. */}}
+{{- define "meshserve.metricsPortOpen" -}}
+{{- if or .Values.metrics.enabled .Values.tls.enabled }}true{{ end }}
+{{- end }}
+
 {{/* A component's image: (dict "root" $ "image" "services"), "worker" (CPU) or "worker-gpu". */}}
 {{- define "meshserve.image" -}}
 {{- $v := .root.Values }}
@@ -94,6 +109,13 @@ app.kubernetes.io/part-of: meshserve
 {{- $c := index $v $component }}
 {{- if and $c.autoscaling.enabled (lt (int $c.autoscaling.maxReplicas) (int $c.autoscaling.minReplicas)) }}
 {{- fail (printf "%s.autoscaling.maxReplicas (%v) must be at least minReplicas (%v)" $component $c.autoscaling.maxReplicas $c.autoscaling.minReplicas) }}
+{{- end }}
+{{- end }}
+{{- if and $v.tls.enabled (eq $v.tls.source "secrets") }}
+{{- range $component := list "gateway" "router" "aggregator" "worker" }}
+{{- if not (index $v.tls.existingSecrets $component) }}
+{{- fail (printf "tls.existingSecrets.%s: tls.source is secrets, so name the kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) of the %s" $component $component) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if and $v.worker.autoscaling.enabled (not (or $v.worker.autoscaling.waitingSequences.enabled $v.worker.autoscaling.kvCacheUsage.enabled)) }}

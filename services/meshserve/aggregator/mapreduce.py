@@ -83,19 +83,17 @@ def plan_map_reduce(
                 )
             ]
         )
+    # Bounded before the split, which tokenises every piece: a chunk holds at most chunk_tokens of the text's
+    # tokens, so the whole text's count (one call) says how many chunks it makes at least.
+    at_least = -(-count(text) // chunk_tokens)
+    if at_least > max_chunks:
+        why = _too_many_chunks(f"at least {at_least}", chunk_tokens, max_chunks)
+        raise invalid_argument([("map_reduce.text", why)])
     chunks = split_text(text, count, chunk_tokens)
     if not chunks:
         raise invalid_argument([("map_reduce.text", "must hold some text")])
     if len(chunks) > max_chunks:
-        raise invalid_argument(
-            [
-                (
-                    "map_reduce.text",
-                    f"splits into {len(chunks)} chunks of at most {chunk_tokens} tokens; at most {max_chunks} "
-                    "map calls are allowed per request: raise map_reduce.chunk_tokens or send less text",
-                )
-            ]
-        )
+        raise invalid_argument([("map_reduce.text", _too_many_chunks(str(len(chunks)), chunk_tokens, max_chunks))])
     separator_tokens = count(OUTPUT_SEPARATOR) + 1
     reduce_room = context_length - reduce_max_tokens - reduce_overhead
     share = reduce_room // len(chunks) - separator_tokens
@@ -126,3 +124,10 @@ def plan_map_reduce(
             ]
         )
     return MapReducePlan(chunks, map_template, reduce_template, sampling)
+
+
+def _too_many_chunks(chunks: str, chunk_tokens: int, max_chunks: int) -> str:
+    return (
+        f"splits into {chunks} chunks of at most {chunk_tokens} tokens; at most {max_chunks} map calls are allowed "
+        "per request: raise map_reduce.chunk_tokens or send less text"
+    )

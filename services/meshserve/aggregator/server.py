@@ -29,6 +29,7 @@ from meshserve.common.models import ModelCatalog
 from meshserve.common.routers import Routers
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.telemetry import tracer
+from meshserve.common.tls import mesh_tls
 from meshserve.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2
 
 DEFAULT_REDUCE_MAX_TOKENS = 256
@@ -130,7 +131,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         if not reduce_sampling.HasField("max_tokens"):
             reduce_sampling.max_tokens = DEFAULT_REDUCE_MAX_TOKENS
         check_width("best_of", best_of, self.max_fanout, f"best_of = {best_of}")
-        plan = plan_map_reduce(
+        # Off the loop: splitting a long text tokenises it piece by piece, and other fan-outs stream meanwhile.
+        plan = await asyncio.to_thread(
+            plan_map_reduce,
             task.text,
             task.map_template,
             task.reduce_template,
@@ -153,13 +156,10 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             outcome: BaseException | None = None
             # Whatever is left of the parent's deadline bounds every sub-request, the reduce's too; a lost
             # router's sub-requests resume on another (common/routers.py).
-            stream = self.routers.generate(sub, timeout=context.time_remaining())
+            stream = self.routers.generate(sub, context.time_remaining(), trace.set_span_in_context(span))
             try:
-                with trace.use_span(span, end_on_exit=False):
-                    chunk = await anext(stream, None)
-                while chunk is not None:
+                async for chunk in stream:
                     yield chunk
-                    chunk = await anext(stream, None)
             except BaseException as exc:
                 outcome = exc
                 raise
@@ -191,8 +191,9 @@ def _without_max_tokens(sampling: common_pb2.SamplingParams) -> common_pb2.Sampl
 
 
 async def start_aggregator(config: AggregatorConfig) -> RunningServer:
+    tls = mesh_tls(config, "aggregator")
     try:
-        routers = Routers(config.router)
+        routers = Routers(config.router, tls=tls)
     except ValueError as exc:
         raise SystemExit(f"meshserve: {exc}") from exc
     catalog = ModelCatalog(routers)
@@ -205,6 +206,7 @@ async def start_aggregator(config: AggregatorConfig) -> RunningServer:
         config.port,
         [Servicer.of(servicer, aggregator_pb2, aggregator_pb2_grpc, "Aggregator")],
         metrics=registry,
+        tls=tls,
     )
     # Tokenizers are needed for map-reduce only; kept fresh in the background as the gateway does.
     refresher = asyncio.create_task(catalog.keep_fresh(config.model_refresh_seconds, asyncio.Event()))

@@ -16,6 +16,7 @@ from pathlib import Path
 from meshserve.cli.supervisor import Child, exit_reason, stop_all, supervise, write_state_file
 from meshserve.common.channels import health_status
 from meshserve.common.config import WORKER_METRICS_OFFSET, cache_dir
+from meshserve.common.tls import ROLES, TlsFiles, role_files, target_options
 
 STATE_FILE_NAME = "mesh.json"
 
@@ -23,6 +24,33 @@ STATE_FILE_NAME = "mesh.json"
 def state_file() -> Path:
     """Where `meshserve up` writes the addresses of the mesh it runs (read by `meshserve status`)."""
     return cache_dir() / STATE_FILE_NAME
+
+
+def certs_dir() -> Path:
+    """Where `meshserve up --tls` keeps its development CA and service certificates."""
+    return cache_dir() / "tls"
+
+
+def mesh_certs(directory: Path) -> dict[str, TlsFiles]:
+    """Each role's files in a `meshserve certs` folder, made there first when any is missing."""
+    files = {role: role_files(directory, role) for role in ROLES}
+    if not all(path.exists() for f in files.values() for path in (f.cert, f.key, f.ca)):
+        from meshserve.cli.certs import write_certs  # cryptography, only when certificates are made
+
+        write_certs(directory)
+    return files
+
+
+def role_of(name: str) -> str:
+    """worker-0 -> worker, router-1 -> router, gateway -> gateway."""
+    return name.split("-", 1)[0]
+
+
+def health_args(tls: TlsFiles | None, name: str) -> dict[str, object]:
+    """health_status's TLS arguments for service `name`: a mesh certificate (any: Health checks no role)."""
+    if tls is None:
+        return {}
+    return {"credentials": tls.channel_credentials(), "options": target_options(role_of(name))}
 
 
 MAX_ROUTERS = 7  # their metrics ports sit between the aggregator's and the first worker's
@@ -42,6 +70,9 @@ def run_mesh(args: argparse.Namespace) -> int:
         return 2
     log_dir = Path(args.log_dir) if args.log_dir else cache_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    certs = mesh_certs(certs_dir()) if args.tls else None
+    # `meshserve status` and `generate` find the CA and a certificate here.
+    tls_state = {"tls": {k: str(getattr(certs["gateway"], k)) for k in ("ca", "cert", "key")}} if certs else {}
     children: list[Child] = []
     stop = _install_stop_handlers()
     try:
@@ -81,23 +112,30 @@ def run_mesh(args: argparse.Namespace) -> int:
             flags = ["--host", host, "--port", port, "--metrics-port", str(_metrics_port(name, args.metrics_port))]
             if args.trace:
                 flags += ["--trace", args.trace]
+            if certs:
+                files = certs[role_of(name)]
+                flags += ["--tls-cert", str(files.cert), "--tls-key", str(files.key), "--tls-ca", str(files.ca)]
+            if args.insecure:
+                flags += ["--insecure"]
             (log_dir / f"{name}.log").write_bytes(b"")  # this run's log; restarts append to it
             child = Child(name, address, [*command, *flags], log_dir / f"{name}.log", env)
             child.start()
             children.append(child)
         # Workers load the model in parallel; the others start in a second or two.
         for child in children:
-            if not _wait_ready(child, children, args.start_timeout, stop):
+            if not _wait_ready(child, children, args.start_timeout, stop, certs["gateway"] if certs else None):
                 return 1
-        write_state_file(state_file(), children)
+        write_state_file(state_file(), children, tls_state)
         print("meshserve: the mesh is up", flush=True)
         for child in children:
             print(f"  {child.name:<12} {child.address:<22} pid {child.pid}", flush=True)
         if args.http_port > 0:
-            web = f"http://{host if ':' not in host else f'[{host}]'}:{args.http_port}"
+            web = f"{'https' if certs else 'http'}://{host if ':' not in host else f'[{host}]'}:{args.http_port}"
             print(f"  chat page    {web}/    OpenAI-compatible API {web}/v1", flush=True)
+        if certs:
+            print(f"  TLS          CA {certs['gateway'].ca}", flush=True)
         print('try: meshserve generate "Hello" --stream    (Ctrl-C stops the mesh)', flush=True)
-        return supervise(children, stop, lambda changed: write_state_file(state_file(), changed))
+        return supervise(children, stop, lambda changed: write_state_file(state_file(), changed, tls_state))
     finally:
         stop_all(children)
         state = state_file()
@@ -119,9 +157,9 @@ def _metrics_port(name: str, base: int) -> int:
 
 def _build_builtin_model() -> None:
     # In a child process: the launcher itself never imports torch.
-    result = subprocess.run(
-        [sys.executable, "-m", "meshserve.cli", "builtin-model"], capture_output=True, text=True, check=False
-    )
+    # child_env: the child checks that its parent is this process (die_with_parent), not ours.
+    command = [sys.executable, "-m", "meshserve.cli", "builtin-model"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env())
     if result.returncode != 0:
         raise SystemExit(f"meshserve: could not create the built-in model:\n{result.stderr}")
 
@@ -160,14 +198,17 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _wait_ready(child: Child, children: list[Child], timeout: float, stop: list[int]) -> bool:
+def _wait_ready(
+    child: Child, children: list[Child], timeout: float, stop: list[int], tls: TlsFiles | None = None
+) -> bool:
     deadline = time.monotonic() + timeout
+    tls_args = health_args(tls, child.name)
     while time.monotonic() < deadline and not stop:
         for other in children:
             if not other.running:
                 _report_start_failure(other)
                 return False
-        if health_status(child.address, timeout=1.0) == "SERVING":
+        if health_status(child.address, timeout=1.0, **tls_args) == "SERVING":
             return True
         time.sleep(0.25)
     if not stop:

@@ -12,6 +12,7 @@ from typing import Any
 from meshserve.common import config as cfg
 from meshserve.common.enums import PRIORITY_BY_NAME
 from meshserve.loadgen.cli import add_parser as add_bench_parser
+from meshserve.loadgen.soak_cli import add_parser as add_soak_parser
 
 PRIORITIES = list(PRIORITY_BY_NAME)
 
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--log-dir", default="", help="where each service's log goes (default: <cache>/logs)")
     up.add_argument("--start-timeout", type=float, default=300.0, help="seconds each service gets to become ready")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS between the services and TLS at the gateway, with certificates `meshserve certs` makes "
+        "in <cache>/tls (kept across runs)",
+    )
+    up.add_argument("--insecure", action="store_true", help="serve plaintext on a --host other than loopback")
     up.set_defaults(run=_run_up)
 
     generate = commands.add_parser("generate", help="send a prompt to the gateway and print the answer")
@@ -98,12 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--gateway", default=_env("GATEWAY", f"{cfg.DEFAULT_HOST}:{cfg.GATEWAY_PORT}"))
     generate.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     generate.add_argument("--api-key", default=_env("API_KEY", ""), help="API key of a gateway that requires one")
+    generate.add_argument(
+        "--tls-ca", default="", help="CA of a gateway that serves TLS (default: that of `meshserve up --tls`)"
+    )
     generate.set_defaults(run=_run_generate)
 
     status = commands.add_parser("status", help="health of each service of the local mesh and the models served")
     status.add_argument("--gateway", default=None, help="gateway address (default: from `meshserve up`, else :50051)")
     status.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for every service")
     status.add_argument("--api-key", default=_env("API_KEY", ""), help="API key of a gateway that requires one")
+    status.add_argument("--tls-ca", default="", help="CA of a gateway that serves TLS (default: from `meshserve up`)")
     status.set_defaults(run=_run_status)
 
     hash_key = commands.add_parser(
@@ -116,10 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     hash_key.add_argument("--tokens-per-minute", type=float, default=0.0, help="prompt + completion; 0: unlimited")
     hash_key.set_defaults(run=_run_hash_key)
 
+    certs = commands.add_parser(
+        "certs", help="write a development CA and a key and certificate per service (mutual TLS)"
+    )
+    certs.add_argument("--dir", required=True, help="folder for ca.crt and ROLE.crt/ROLE.key (a CA there is kept)")
+    certs.add_argument("--fullname", default="meshserve", help="the chart's fullname, for its Service DNS names")
+    certs.add_argument("--namespace", default="default", help="the release's namespace, for its Service DNS names")
+    certs.add_argument("--dns-name", action="append", default=[], help="another name for every certificate")
+    certs.add_argument("--days", type=int, default=365, help="validity of the service certificates")
+    certs.set_defaults(run=_run_certs)
+
     model = commands.add_parser("builtin-model", help="create the built-in tiny model (if needed) and print its path")
     model.set_defaults(run=_run_builtin_model)
 
     add_bench_parser(commands)
+    add_soak_parser(commands)
 
     for name, config_type, starter in (
         ("gateway", cfg.GatewayConfig, "meshserve.gateway.server:start_gateway"),
@@ -159,7 +182,7 @@ def _service_runner(
             endpoint = None
             if config.metrics_port:
                 try:
-                    endpoint = serve_metrics(running.metrics, config.host, config.metrics_port)
+                    endpoint = serve_metrics(running.metrics, config.host, config.metrics_port, lambda: running.serving)
                 except SystemExit:
                     await running.stop(0)
                     raise
@@ -224,6 +247,23 @@ def _run_hash_key(args: argparse.Namespace) -> int:
         print(f"meshserve: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(entry))
+    return 0
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from meshserve.cli.certs import write_certs
+
+    written = write_certs(
+        Path(args.dir),
+        fullname=args.fullname,
+        namespace=args.namespace,
+        extra_names=tuple(args.dns_name),
+        days=args.days,
+    )
+    for path in written:
+        print(path)
     return 0
 
 

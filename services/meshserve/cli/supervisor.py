@@ -137,9 +137,9 @@ def stop_all(children: list[Child], grace: float = 15.0) -> None:
             child.process.wait()
 
 
-def write_state_file(path: Path, children: list[Child]) -> None:
-    """Atomically: `meshserve status` may read it at any moment."""
-    state = {"pid": os.getpid(), "services": [child.state() for child in children]}
+def write_state_file(path: Path, children: list[Child], extra: dict[str, object] | None = None) -> None:
+    """Atomically: `meshserve status` may read it at any moment. `extra`: more top-level keys (TLS files)."""
+    state = {"pid": os.getpid(), "services": [child.state() for child in children], **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(state, indent=2) + "\n")

@@ -57,6 +57,11 @@ class ServerConfig:
         default="",
         metadata=_help("trace exporter: none, console or otlp (empty: from the OTEL_* variables, else none)"),
     )
+    # TLS (common/tls.py): mutual inside the mesh, server-only at the gateway's public ports.
+    tls_cert: str = field(default="", metadata=_help("PEM certificate chain of this service (empty: plaintext)"))
+    tls_key: str = field(default="", metadata=_help("PEM private key of --tls-cert"))
+    tls_ca: str = field(default="", metadata=_help("PEM CA bundle that signs the mesh's certificates"))
+    insecure: bool = field(default=False, metadata=_help("serve plaintext on an address other than loopback (no TLS)"))
 
 
 @dataclass
@@ -130,6 +135,10 @@ class RouterConfig(ServerConfig):
     )
     discovery_seconds: float = field(default=10.0, metadata=_help("how often DNS and Kubernetes workers are re-read"))
     max_queued: int = field(default=1024, metadata=_help("requests waiting at most; then BATCH and LOW are shed"))
+    tenant_queue_share: float = field(
+        default=0.5,
+        metadata=_help("fraction of --max-queued one tenant's waiting requests may fill (1: no per-tenant bound)"),
+    )
     max_connection_age_seconds: float = field(
         default=300.0,
         metadata=_help(
@@ -194,6 +203,32 @@ class GatewayConfig(ServerConfig):
     http_max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=_help("largest HTTP request body"))
     http_timeout_seconds: float = field(
         default=600.0, metadata=_help("deadline of an HTTP request in the mesh (HTTP has no deadline of its own)")
+    )
+    max_request_seconds: float = field(
+        default=300.0,
+        metadata=_help(
+            "longest a gRPC call may run in the mesh: the deadline of a call that sets none, or sets a longer one"
+        ),
+    )
+    http_body_seconds: float = field(
+        default=60.0, metadata=_help("a request whose body has not all arrived this long is refused (408)")
+    )
+    http_keepalive_seconds: float = field(
+        default=15.0,
+        metadata=_help(
+            "an HTTP connection that has not sent a whole request's headers this long after it opened or after "
+            "its last response is closed (idle keep-alive and slow headers alike)"
+        ),
+    )
+    http_max_connections: int = field(
+        default=1024, metadata=_help("open HTTP connections at most; more are closed as they arrive")
+    )
+    gateway_replicas: int = field(
+        default=1,
+        metadata=_help(
+            "gateways that serve the same keys file: each enforces 1/N of every tenant's requests_per_second "
+            "and tokens_per_minute (rate limits are counted per gateway process)"
+        ),
     )
 
 

@@ -18,6 +18,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from meshserve.common.logs import current_request_id
 from meshserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,44 @@ async def abort(context: grpc.aio.ServicerContext, error: MeshError) -> None:
     )
 
 
+# Codes whose messages are written inside the mesh (an address, a connection's failure, an exception's text) and
+# not by a check the caller can act on. At the public edge they become a stable message with the request id.
+PRIVATE_CODES = (
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.UNAVAILABLE,
+)
+PUBLIC_MESSAGES = {
+    grpc.StatusCode.UNAVAILABLE: "the mesh cannot serve this request right now; retry",
+}
+
+
+def for_clients(error: MeshError, request_id: str) -> MeshError:
+    """The error as a caller outside the mesh sees it: a private code's message is replaced (it is logged here,
+    under the request id, for whoever runs the mesh); RetryInfo stays."""
+    if error.code not in PRIVATE_CODES:
+        return error
+    log.warning("request %s failed: %s: %s", request_id or "-", error.code.name, error.message)
+    said = PUBLIC_MESSAGES.get(error.code, "internal error")
+    message = f"{said} (request id {request_id}: its details are in the gateway's logs)" if request_id else said
+    return MeshError(error.code, message, [d for d in error.details if isinstance(d, error_details_pb2.RetryInfo)])
+
+
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps a servicer method (coroutine or async generator) so failures leave with the right status."""
+    return _with_status(method, public=False)
+
+
+def public_grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """As grpc_errors, for a public service: private failures leave as `for_clients` words them."""
+    return _with_status(method, public=True)
+
+
+def _with_status(method: Callable[..., Any], public: bool) -> Callable[..., Any]:
+    def status_of(exc: Exception) -> MeshError:
+        error = _as_mesh_error(exc, method)
+        return for_clients(error, current_request_id.get()) if public else error
 
     if inspect.isasyncgenfunction(method):
 
@@ -199,7 +236,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await abort(context, _as_mesh_error(exc, method))
+                await abort(context, status_of(exc))
 
         return stream_wrapper
 
@@ -210,7 +247,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort(context, _as_mesh_error(exc, method))
+            await abort(context, status_of(exc))
 
     return unary_wrapper
 

@@ -8,7 +8,9 @@ Each service declares its own metrics (`meshserve_<service>_...`, units in the n
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
@@ -45,8 +47,12 @@ class MetricsEndpoint:
         self.thread.join(timeout=5)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
-    """Serves `registry` on http://host:port/metrics (port 0 picks a free one)."""
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, serving: Callable[[], bool] | None = None
+) -> MetricsEndpoint:
+    """Serves `registry` on http://host:port/metrics (port 0 picks a free one), and with `serving` also
+    /healthz: 200 while the service is SERVING, else 503. A probe needs no certificate for it, while the
+    gRPC port with TLS answers only the mesh's certificates (and Kubernetes' gRPC probes speak no TLS)."""
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
@@ -54,4 +60,17 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsE
             f"meshserve: cannot serve metrics on {host}:{port} ({exc}); "
             "choose another --metrics-port, or 0 to turn metrics off"
         ) from exc
+    if serving is not None:
+        server.set_app(_with_healthz(server.get_app(), serving))
     return MetricsEndpoint(server, thread)
+
+
+def _with_healthz(app: Any, serving: Callable[[], bool]) -> Any:
+    def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") != "/healthz":
+            return app(environ, start_response)
+        up = serving()
+        start_response("200 OK" if up else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [b"SERVING\n" if up else b"NOT_SERVING\n"]
+
+    return dispatch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -32,16 +33,46 @@ class ModelCatalog:
         self.routers = routers
         self.models: dict[str, ServedModel] = {}
         self._last_refresh = 0.0
+        self._reading = asyncio.Lock()  # callers at once share one read
 
     async def refresh(self, timeout: float = 5.0) -> bool:
         """Reads the served models from the router. Returns whether any model is known afterwards."""
+        async with self._reading:
+            return await self._read(timeout)
+
+    async def refresh_if_older(self, max_age: float) -> None:
+        """Refreshes unless the last read is younger than `max_age` seconds: how often callers asking for the
+        model list can make the router send it (callers at once wait for one read)."""
+        async with self._reading:
+            if time.monotonic() - self._last_refresh >= max_age:
+                await self._read(5.0)
+
+    async def _read(self, timeout: float) -> bool:
+        """Names first: the tokenizer files (megabytes per model) are asked for only when a model is new or
+        changed."""
         self._last_refresh = time.monotonic()
         try:
+            reply = await self.routers.stub.ListModels(common_pb2.ListModelsRequest(names_only=True), timeout=timeout)
+            if all(self._known(info) for info in reply.models):
+                return bool(self.models)
             reply = await self.routers.stub.ListModels(common_pb2.ListModelsRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             log.info("router did not list models: %s", exc.code().name)
             return bool(self.models)
-        for info in reply.models:
+        self._add(reply.models)
+        return bool(self.models)
+
+    def _known(self, listed: common_pb2.ModelInfo) -> bool:
+        known = self.models.get(listed.name)
+        if known is None:
+            return False
+        names_only = common_pb2.ModelInfo()
+        names_only.CopyFrom(known.info)
+        names_only.ClearField("tokenizer_files")
+        return names_only == listed
+
+    def _add(self, listed: Sequence[common_pb2.ModelInfo]) -> None:
+        for info in listed:
             known = self.models.get(info.name)
             if known is not None and known.info == info:
                 continue
@@ -52,7 +83,6 @@ class ModelCatalog:
                 continue
             self.models[info.name] = ServedModel(info, tokenizer)
             log.info("serving model %s (context %d)", info.name, info.max_context_length)
-        return bool(self.models)
 
     async def refresh_if_unknown(self, name: str, min_interval: float = 1.0) -> None:
         """A model may be new since the last poll; a flood of bad names costs one refresh a second."""

@@ -19,9 +19,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from meshserve.common.channels import aio_channel
 from meshserve.common.errors import STATUS_DETAILS_KEY, MeshError, from_rpc_error
+from meshserve.common.tls import MeshTls
 from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,10 +55,13 @@ def router_lost(error: grpc.aio.AioRpcError) -> bool:
 
 
 class Routers:
-    def __init__(self, spec: str, response_type: Any = common_pb2.StreamChunk) -> None:
+    def __init__(self, spec: str, response_type: Any = common_pb2.StreamChunk, tls: MeshTls | None = None) -> None:
         self.targets = router_targets(spec)
+        tls_args = tls.channel_args("router") if tls else {}
         # round_robin spreads one dns:/// channel's calls over every address of the name.
-        self._channels = [aio_channel(target, round_robin=target.startswith("dns:///")) for target in self.targets]
+        self._channels = [
+            aio_channel(target, round_robin=target.startswith("dns:///"), **tls_args) for target in self.targets
+        ]
         self._generate = [
             channel.unary_stream(
                 GENERATE,
@@ -73,8 +79,13 @@ class Routers:
         """A router for a unary call (ListModels, Stats): the next one that is not known to be down."""
         return self._stubs[self._pick(set())]
 
-    async def generate(self, request: common_pb2.TokenRequest, timeout: float | None) -> AsyncIterator[Any]:
-        """The request's stream through a router; through another one, resumed, if its router is lost."""
+    async def generate(
+        self, request: common_pb2.TokenRequest, timeout: float | None, parent: Context | None = None
+    ) -> AsyncIterator[Any]:
+        """The request's stream through a router; through another one, resumed, if its router is lost.
+
+        `parent`: the trace context every attempt's call is made in (the generator runs its body on the
+        consumer's schedule, outside whatever span was current when it was created)."""
         deadline = time.monotonic() + timeout if timeout is not None else None
         relayed: list[int] = []
         lost: set[int] = set()
@@ -86,7 +97,12 @@ class Routers:
                 attempt.CopyFrom(request)
                 attempt.resume_token_ids.extend(relayed)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = self._generate[index](attempt, timeout=remaining)
+            token = otel_context.attach(parent) if parent is not None else None
+            try:
+                call = self._generate[index](attempt, timeout=remaining)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
             try:
                 async for message in call:
                     relayed.extend(message.token_ids)

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from meshserve.common.channels import SERVER_OPTIONS
 from meshserve.common.metrics import new_registry
 from meshserve.common.telemetry import server_interceptors
+from meshserve.common.tls import MeshTls
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class RunningServer:
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Called when stopping begins, before the grace period (e.g. to report draining to subscribers).
     on_drain: list[Callable[[], None]] = field(default_factory=list)
+    # What grpc.health.v1 says for the whole server; also /healthz on the metrics port (probes without TLS).
+    serving: bool = False
     # Why the service stopped itself (it cannot serve any more); its process then exits non-zero.
     failure: str = ""
     _stopped: bool = False
@@ -64,6 +67,7 @@ class RunningServer:
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
+        self.serving = serving
         await self.health.set("", status)
         for name in self.service_names:
             await self.health.set(name, status)
@@ -89,17 +93,26 @@ async def start_server(
     serving: bool = True,
     metrics: CollectorRegistry | None = None,
     max_connection_age_s: float | None = None,
+    tls: MeshTls | None = None,
+    max_receive_bytes: int | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     """Starts a grpc.aio server with health, reflection and tracing on host:port (port 0 picks a free one).
 
     `max_connection_age_s`: clients are asked (GOAWAY) to reconnect after this long, so that callers that
     spread over every address of a DNS name find replicas added since they connected; calls still running
-    get as long again to finish."""
+    get as long again to finish. `tls`: the service's certificate (None: plaintext) and, inside the mesh, the
+    check of each caller's identity (common/tls.py). `max_receive_bytes`: the largest request message (a public
+    port takes far less than the mesh's own); `interceptors` run before the request is deserialized."""
     options = list(SERVER_OPTIONS)
     if max_connection_age_s:
         age_ms = int(max_connection_age_s * 1000)
         options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
-    server = grpc.aio.server(options=options, interceptors=server_interceptors())
+    if max_receive_bytes:
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_receive_bytes))
+    chain = [*(tls.interceptors() if tls else []), *interceptors, *server_interceptors()]
+    server = grpc.aio.server(options=options, interceptors=chain)
     for servicer in servicers:
         servicer.add_to_server(servicer.implementation, server)
     health_servicer = health.aio.HealthServicer()
@@ -108,7 +121,10 @@ async def start_server(
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound_port = server.add_insecure_port(bind)
+        if tls is None:
+            bound_port = server.add_insecure_port(bind)
+        else:
+            bound_port = server.add_secure_port(bind, tls.server_credentials())
     except RuntimeError as exc:
         raise SystemExit(f"meshserve: cannot listen on {bind} ({exc}); is another process using the port?") from exc
     await server.start()

@@ -48,7 +48,9 @@ class ModelTokenizer:
         return cls(read_tokenizer_files(path))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, not encode: only it releases the GIL while Rust tokenises, so a long prompt tokenised in a
+        # thread (asyncio.to_thread) leaves the event loop running; its result is the same.
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -13,8 +13,8 @@ import grpc
 
 from meshserve.common.channels import aio_channel
 from meshserve.common.enums import FINISH_REASON_NAMES
-from meshserve.common.errors import STATUS_BY_NUMBER
-from meshserve.loadgen.target import Chunk, Reply, TargetError
+from meshserve.common.errors import MeshError, from_rpc_error, retry_delay_seconds
+from meshserve.loadgen.target import OK, Chunk, Reply, TargetError
 from meshserve.loadgen.workload import Endpoint, RequestSpec
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -85,7 +85,7 @@ class GrpcTarget:
         )
         if request.seed is not None:
             sampling.seed = request.seed
-        message = inference_pb2.GenerateRequest(model=self._model, sampling=sampling)
+        message = inference_pb2.GenerateRequest(model=self._model, sampling=sampling, request_id=request.request_id)
         if request.prompt_token_ids is not None:
             message.token_ids.ids.extend(request.prompt_token_ids)
         elif self.endpoint == "chat":
@@ -106,12 +106,16 @@ class GrpcTarget:
                 if message.finish_reason:
                     reply.finish_reason = FINISH_REASON_NAMES.get(message.finish_reason, "?")
                     if message.HasField("error"):  # this index failed inside the mesh (best_effort)
-                        code = STATUS_BY_NUMBER.get(message.error.code, grpc.StatusCode.UNKNOWN)
-                        reply.status, reply.error = code.name, message.error.message
+                        error = MeshError.of_status(message.error)
+                        reply.status, reply.error = error.code.name, error.message
+                        reply.retry_delay = retry_delay_seconds(error)
                 if message.final or message.finish_reason:
                     reply.completion_tokens = message.usage.completion_tokens
                     reply.prompt_tokens = message.usage.prompt_tokens
         except grpc.aio.AioRpcError as exc:
             reply.status, reply.error = exc.code().name, exc.details() or ""
+            reply.retry_delay = retry_delay_seconds(from_rpc_error(exc))
+        if reply.status == OK and not reply.finish_reason:
+            reply.status, reply.error = "INCOMPLETE_STREAM", "the stream ended before any finish_reason"
         reply.ended_at = time.perf_counter()
         return reply

@@ -113,9 +113,11 @@ class OpenAITarget:
         path = "/chat/completions" if self.endpoint == "chat" else "/completions"
         reply = Reply(sent_at=time.perf_counter())
         try:
-            async with self._session.post(self.base_url + path, json=self.body(request)) as response:
+            headers = {"X-Request-Id": request.request_id} if request.request_id else None
+            async with self._session.post(self.base_url + path, json=self.body(request), headers=headers) as response:
                 if response.status != 200:
                     reply.status, reply.error = f"HTTP {response.status}", _error_text(await response.read())
+                    reply.retry_delay = _seconds(response.headers.get("Retry-After", ""))
                 else:
                     await _read_stream(response, reply)
         except aiohttp.ClientError as exc:
@@ -172,6 +174,14 @@ async def sse_events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str, 
                 data.append(line[5:].removeprefix(" "))
     if data:
         yield "\n".join(data), time.perf_counter()
+
+
+def _seconds(text: str) -> float | None:
+    """A Retry-After of seconds (the HTTP-date form is not used by inference servers)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _error_text(body: bytes) -> str:

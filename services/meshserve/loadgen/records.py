@@ -3,11 +3,13 @@
 Inter-token latencies are per token, tokens - 1 of them: a message that brings k tokens, g seconds after the
 previous message, counts as k gaps of g / k (a hop that batches tokens into fewer messages does not look
 faster per token than it is), and the tokens that come with the first token count as gaps of 0. Their sum is
-the time from the first token to the last, so their mean is the TPOT.
+the time from the first token to the last, so their mean is the TPOT. A stream's longest wait between two
+messages is the stall it saw (the soak's measure of a failover).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +32,8 @@ class RequestRecord:
     token_ids: list[int] | None = None  # the output's ids, when the API returns them (gRPC does)
     text: str = ""
     finish_reason: str = ""
+    retry_delay: float | None = None  # seconds: when the server said to retry (RetryInfo, Retry-After)
+    longest_gap: float | None = None  # seconds: the longest wait between two messages with output (a stall)
 
     @property
     def ok(self) -> bool:
@@ -64,6 +68,8 @@ def record_of(request: RequestSpec, reply: Reply, level_start: float) -> Request
         token_ids=reply.token_ids,
         text="".join(c.text for c in reply.chunks),
         finish_reason=reply.finish_reason,
+        retry_delay=reply.retry_delay,
+        longest_gap=max((b.at - a.at for a, b in itertools.pairwise(reply.chunks)), default=None),
     )
 
 

@@ -37,6 +37,7 @@ class Reply:
     ended_at: float = 0.0
     status: str = OK  # OK, a gRPC status name, "HTTP 429", or what went wrong on the client's side
     error: str = ""
+    retry_delay: float | None = None  # seconds, from the failure's google.rpc.RetryInfo when it has one
     chunks: list[Chunk] = field(default_factory=list)
     token_ids: list[int] | None = None  # the output's token ids, when the API returns them
     completion_tokens: int | None = None  # from the usage the server reported

@@ -91,6 +91,7 @@ class RequestSpec:
     temperature: float
     seed: int | None  # sampling seed when temperature > 0 (greedy needs none)
     ignore_eos: bool  # ask the server to go on past end-of-sequence, so the output is max_tokens long
+    request_id: str = ""  # sent as the request's id when set, so the mesh's logs of it can be found (the soak)
 
     @property
     def prompt_tokens_asked(self) -> int:

@@ -10,9 +10,11 @@ Order (best first), recomputed at every dispatch:
    prompt tokens + expected output tokens, so short jobs go first and long ones still age in.
 4. Arrival.
 
-Admission: at most `max_queued` requests wait. When full, an arrival evicts the newest queued
-request of a strictly lower class among BATCH then LOW; if there is none it is itself refused.
-CRITICAL, HIGH and NORMAL requests are never evicted.
+Admission: at most `max_queued` requests wait. When full, an arrival evicts the newest queued request of
+a strictly lower class among BATCH then LOW; failing that, if its tenant holds less than `tenant_share` of
+the queue, the newest request of the tenant most over its share (so one tenant may fill the queue while
+nobody else needs it, but cannot get other tenants' arrivals, CRITICAL ones included, refused); else it is
+itself refused. A tenant's requests within its share are never evicted for another's.
 
 Time comes from the queue's `clock` (time.monotonic unless a test gives another), the clock the
 requests' `enqueued_at` is read on.
@@ -21,6 +23,7 @@ requests' `enqueued_at` is read on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 from collections import defaultdict
@@ -71,10 +74,19 @@ class Pending:
 
 
 class RequestQueue:
-    def __init__(self, max_queued: int, aging_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_queued: int,
+        aging_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        tenant_share: float = 1.0,
+    ) -> None:
         if max_queued < 1 or aging_seconds <= 0:
             raise ValueError("max_queued must be at least 1 and aging_seconds more than 0")
+        if not 0 < tenant_share <= 1:
+            raise ValueError(f"tenant_share must be above 0 and at most 1, not {tenant_share}")
         self.max_queued = max_queued
+        self.tenant_max_queued = max(1, int(max_queued * tenant_share))
         self.aging_seconds = aging_seconds
         self.clock = clock
         self._pending: list[Pending] = []
@@ -89,17 +101,20 @@ class RequestQueue:
         return len(self._pending)
 
     def push(self, pending: Pending) -> None:
-        """Queues pending, evicting a lower-class request if the queue is full; refuses it if it cannot."""
+        """Queues pending, evicting a lower-class request, or one of a tenant over its share, if the queue
+        is full; refuses it if it cannot."""
         if len(self._pending) >= self.max_queued:
             victim = self._eviction_victim(pending.priority)
+            why = f"a {class_name(pending.priority)} request took its place"
+            if victim is None:
+                victim = self._over_share_victim(pending.tenant)
+                why = f"its tenant is over its share of the queue ({self.tenant_max_queued} of {self.max_queued})"
             if victim is None:
                 self.shed_by_priority[pending.priority] += 1
                 raise self._shed_error(pending.priority, "the router's queue is full")
             self.remove(victim)
             self.shed_by_priority[victim.priority] += 1
-            victim.assigned.set_exception(
-                self._shed_error(victim.priority, f"a {class_name(pending.priority)} request took its place")
-            )
+            victim.assigned.set_exception(self._shed_error(victim.priority, why))
         self._join_fairly(pending)
         self._pending.append(pending)
 
@@ -160,6 +175,19 @@ class RequestQueue:
             if newest:
                 return max(newest, key=lambda p: p.arrival)
         return None
+
+    def _over_share_victim(self, tenant: str) -> Pending | None:
+        """When the queue is full: the newest request of the tenant most over its share, if the arrival's own
+        tenant is within its share (one tenant may use the whole queue only while nobody else needs it)."""
+        if self.tenant_max_queued >= self.max_queued:
+            return None
+        waiting = collections.Counter(p.tenant for p in self._pending)
+        if waiting[tenant] >= self.tenant_max_queued:
+            return None
+        hog, count = waiting.most_common(1)[0]
+        if count <= self.tenant_max_queued:
+            return None
+        return max((p for p in self._pending if p.tenant == hog), key=lambda p: p.arrival)
 
     def _shed_error(self, priority: int, why: str) -> MeshError:
         return resource_exhausted(

@@ -20,6 +20,7 @@ from meshserve.common.logs import current_request_id
 from meshserve.common.metrics import new_registry
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.telemetry import tracer
+from meshserve.common.tls import mesh_tls
 from meshserve.router.children import ChildrenTracker
 from meshserve.router.discovery import parse_sources
 from meshserve.router.dispatcher import Dispatcher
@@ -200,6 +201,7 @@ async def start_router(config: RouterConfig) -> RunningServer:
             "meshserve: --worker-silence-seconds must be above 1 (a worker's heartbeat), "
             f"got {config.worker_silence_seconds}"
         )
+    tls = mesh_tls(config, "router")
     dispatcher: Dispatcher | None = None
     pool = WorkerPool(
         sources,
@@ -207,8 +209,11 @@ async def start_router(config: RouterConfig) -> RunningServer:
         affinity_slack=config.affinity_slack,
         refresh_seconds=config.discovery_seconds,
         silence_seconds=config.worker_silence_seconds,
+        tls=tls,
     )
-    dispatcher = Dispatcher(RequestQueue(config.max_queued, config.aging_seconds), pool)
+    dispatcher = Dispatcher(
+        RequestQueue(config.max_queued, config.aging_seconds, tenant_share=config.tenant_queue_share), pool
+    )
     registry = new_registry()
     metrics = RouterMetrics(registry, dispatcher)
     await pool.start()
@@ -223,6 +228,7 @@ async def start_router(config: RouterConfig) -> RunningServer:
         ],
         metrics=registry,
         max_connection_age_s=config.max_connection_age_seconds or None,
+        tls=tls,
     )
     running.on_stop.append(pool.close)
     running.on_stop.append(dispatcher.stop)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from meshserve.common.channels import aio_channel
+from meshserve.common.tls import MeshTls
 from meshserve.router.discovery import Source
 from meshserve.router.link import DEFAULT_SILENCE_S, WorkerLink
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -67,8 +68,10 @@ class WorkerPool:
         affinity_slack: int = 2,
         refresh_seconds: float = 10.0,
         silence_seconds: float = DEFAULT_SILENCE_S,
+        tls: MeshTls | None = None,
     ) -> None:
         self.sources = sources
+        self.tls = tls
         self.silence_seconds = silence_seconds
         self.workers: list[WorkerEndpoint] = []
         self.on_change = on_change
@@ -100,7 +103,9 @@ class WorkerPool:
                 found |= {w.address for w in self.workers if not w.removed}
         known = {w.address for w in self.workers}
         for address in sorted(found - known):
-            channel = aio_channel(address, traced=False)  # each submission carries its trace context
+            # Untraced: each submission carries its trace context. With TLS the worker must prove it is one,
+            # whatever address discovery gave.
+            channel = aio_channel(address, traced=False, **(self.tls.channel_args("worker") if self.tls else {}))
             worker = WorkerEndpoint(address, worker_pb2_grpc.WorkerStub(channel), channel)
             self.workers.append(worker)
             self._watchers[address] = asyncio.create_task(self._watch(worker))

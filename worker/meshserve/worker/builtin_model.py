@@ -35,7 +35,7 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'tool' %}<tool_response id={{ message['tool_call_id'] | tojson }}>"
     "{{ message['content'] }}</tool_response>{% else %}{{ message['content'] }}{% endif %}"
     "{% for call in message['tool_calls'] or [] %}<tool_call>"
-    '{"name": {{ call[\'function\'][\'name\'] | tojson }}, "arguments": {{ call[\'function\'][\'arguments\'] }}}'
+    "{\"name\": {{ call['function']['name'] | tojson }}, \"arguments\": {{ call['function']['arguments'] }}}"
     "</tool_call>{% endfor %}<|end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

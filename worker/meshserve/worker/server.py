@@ -15,6 +15,7 @@ from meshserve.common.config import WorkerConfig
 from meshserve.common.errors import MeshError, grpc_errors
 from meshserve.common.metrics import new_registry
 from meshserve.common.server import RunningServer, Servicer, start_server
+from meshserve.common.tls import mesh_tls
 from meshserve.common.tokenizer import ModelTokenizer, read_tokenizer_files
 from meshserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from meshserve.worker.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
@@ -99,6 +100,7 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
         raise SystemExit(f"meshserve: --stream-interval must be at least 1 token, got {config.stream_interval}")
     if config.engine_stall_seconds < 0:
         raise SystemExit(f"meshserve: --engine-stall-seconds must be 0 (never) or more: {config.engine_stall_seconds}")
+    tls = mesh_tls(config, "worker")
     registry = new_registry()
     servicer = WorkerServicer(registry, config.stream_interval)
     running = await start_server(
@@ -107,6 +109,7 @@ async def start_worker(config: WorkerConfig) -> RunningServer:
         [Servicer.of(servicer, worker_pb2, worker_pb2_grpc, "Worker")],
         serving=False,
         metrics=registry,
+        tls=tls,
     )
     model_dir = Path(config.model) if config.model else await asyncio.to_thread(ensure_builtin_model)
     if not (model_dir / "config.json").exists():

@@ -214,29 +214,21 @@ def engine_process_of(worker_pid: int) -> int:
     raise AssertionError(f"worker {worker_pid} has no engine process among {children}")
 
 
-def test_a_worker_whose_engine_process_dies_stops_and_its_streams_resume_elsewhere(loop_thread, cache_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("fault", "logged"),
+    [
+        (signal.SIGKILL, "the engine process died"),
+        # Alive but making no step: after --engine-stall-seconds the worker ends it as if it had died.
+        (signal.SIGSTOP, "it is wedged"),
+    ],
+    ids=["dies", "wedges"],
+)
+def test_a_worker_whose_engine_fails_stops_and_its_streams_resume_elsewhere(
+    loop_thread, cache_dir, tmp_path, fault, logged
+):
+    """Without a working engine the worker cannot serve: it stops by itself, non-zero, for its supervisor to
+    replace it, and the router resumes its stream on the other worker exactly."""
     request = long_request(300, temperature=0.7, seed=21)
-    with workers_behind_a_router(loop_thread, 2, cache_dir, tmp_path) as mesh:
-        stub = mesh.router
-        reference = [t for c in stub.Generate(request, timeout=WAIT_S) for t in c.token_ids]
-        tokens: list[int] = []
-        serving = None
-        for chunk in stub.Generate(request, timeout=WAIT_S):
-            tokens.extend(chunk.token_ids)
-            if serving is None and len(tokens) >= 10:
-                stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-                serving = mesh.process(next(w.address for w in stats.workers if w.in_flight))
-                os.kill(engine_process_of(serving.pid), signal.SIGKILL)
-        assert serving is not None
-        assert tokens == reference
-        # It cannot serve without its engine: it stops by itself, non-zero, for its supervisor to replace it.
-        assert serving.wait(WAIT_S) != 0
-
-
-def test_a_worker_whose_engine_wedges_stops_and_its_streams_resume_elsewhere(loop_thread, cache_dir, tmp_path):
-    """The engine process lives but makes no step (SIGSTOP): after --engine-stall-seconds the worker ends it,
-    stops serving and exits non-zero; the router resumes the stream on the other worker exactly."""
-    request = long_request(300, temperature=0.7, seed=23)
     stall = {"MESHSERVE_ENGINE_STALL_SECONDS": "2"}
     with workers_behind_a_router(loop_thread, 2, cache_dir, tmp_path, env=stall) as mesh:
         stub = mesh.router
@@ -249,9 +241,9 @@ def test_a_worker_whose_engine_wedges_stops_and_its_streams_resume_elsewhere(loo
                 stats = stub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
                 address = next(w.address for w in stats.workers if w.in_flight)
                 serving = mesh.process(address)
-                os.kill(engine_process_of(serving.pid), signal.SIGSTOP)
+                os.kill(engine_process_of(serving.pid), fault)
         assert serving is not None
         assert tokens == reference
         assert serving.wait(WAIT_S) != 0
-        assert "it is wedged" in mesh.log(address)
+        assert logged in mesh.log(address)
         assert stub.Stats(router_pb2.RouterStatsRequest(), timeout=5).failovers == 1

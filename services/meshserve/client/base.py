@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import grpc
@@ -17,7 +18,7 @@ DEFAULT_GATEWAY = f"{cfg.DEFAULT_HOST}:{cfg.GATEWAY_PORT}"
 DEFAULT_TIMEOUT_S = 60.0
 
 
-class ClientBase:
+class ClientBase(abc.ABC):
     """The gateway's address, the API key as call metadata (`authorization: Bearer KEY`), TLS credentials
     (None: plaintext), the default deadline (None: none) and the retry policy; subclasses open the channel."""
 
@@ -42,8 +43,9 @@ class ClientBase:
         self._channel = self._open_channel(address, credentials)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
+    @abc.abstractmethod
     def _open_channel(self, address: str, credentials: grpc.ChannelCredentials | None) -> Any:
-        raise NotImplementedError
+        """A sync or an asyncio channel to the gateway."""
 
     def _attempts(self, timeout: float | None) -> Attempts:
         """The attempts of one call: under its own timeout, else the client's."""

@@ -13,6 +13,7 @@ because it trusts no caller.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import llguidance
@@ -35,9 +36,17 @@ def kind_of(structured: common_pb2.StructuredOutput) -> str:
 def grammar_of(structured: common_pb2.StructuredOutput) -> str:
     """The llguidance grammar for `structured`, checked; ValueError says what is wrong, in the caller's terms.
     An empty string when nothing is asked."""
-    kind = kind_of(structured)
-    if not kind:
+    if not kind_of(structured):
         return ""
+    return _compiled(structured.SerializeToString(deterministic=True))
+
+
+# Services send the same few schemas over and over, and the gateway and the worker each check every request:
+# compiled once per distinct constraint (at most 256 of at most 64 KiB each).
+@functools.lru_cache(maxsize=256)
+def _compiled(serialized: bytes) -> str:
+    structured = common_pb2.StructuredOutput.FromString(serialized)
+    kind = kind_of(structured)
     if kind == "json_schema":
         text = _bounded(structured.json_schema, "json_schema")
         try:

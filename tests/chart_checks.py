@@ -203,10 +203,11 @@ def check_exposure(docs: list[dict[str, Any]]) -> None:
 
 
 def check_network_policies(docs: list[dict[str, Any]], metrics_ports: bool = True) -> None:
-    """Every pod is selected by a policy; internal gRPC ports only from their callers, metrics only from scrapers."""
+    """Every pod is selected by an ingress policy; internal gRPC ports only from their callers, metrics only from
+    scrapers. (Egress: test_helm_egress.py.)"""
     deployments = deployments_by_component(docs)
     pod_labels = {c: d["spec"]["template"]["metadata"]["labels"] for c, d in deployments.items()}
-    policies = list(of_kind(docs, "NetworkPolicy").values())
+    policies = [p for p in of_kind(docs, "NetworkPolicy").values() if "Ingress" in p["spec"]["policyTypes"]]
     for component, labels in pod_labels.items():
         covering = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
         assert len(covering) == 1, f"{component} is selected by {len(covering)} NetworkPolicies"

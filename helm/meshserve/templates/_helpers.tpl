@@ -87,11 +87,27 @@ app.kubernetes.io/part-of: meshserve
 {{- add .preStopSleepSeconds .drainSeconds 10 }}
 {{- end }}
 
+{{/* The collector's port the pods export traces to (otlp tracing only): networkPolicy.egress.otlp.port, else the
+     port in tracing.endpoint. Empty when nothing is exported over OTLP, or the endpoint names no port. */}}
+{{- define "meshserve.otlpPort" -}}
+{{- $v := .Values }}
+{{- if and $v.tracing.enabled (eq $v.tracing.exporter "otlp") }}
+{{- if $v.networkPolicy.egress.otlp.port }}
+{{- include "meshserve.envValue" $v.networkPolicy.egress.otlp.port }}
+{{- else }}
+{{- regexFind "[0-9]+$" (regexFind ":[0-9]+$" (urlParse $v.tracing.endpoint).host) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Values the chart refuses even though each one alone is well typed. */}}
 {{- define "meshserve.validate" -}}
 {{- $v := .Values }}
 {{- if and $v.tracing.enabled (eq $v.tracing.exporter "otlp") (not $v.tracing.endpoint) }}
 {{- fail "tracing.endpoint: the otlp exporter needs the collector's address, e.g. http://otel-collector.observability:4317" }}
+{{- end }}
+{{- if and $v.networkPolicy.enabled $v.networkPolicy.egress.enabled $v.tracing.enabled (eq $v.tracing.exporter "otlp") (not (include "meshserve.otlpPort" .)) }}
+{{- fail (printf "networkPolicy.egress.otlp.port: tracing.endpoint (%s) names no port, so give the collector's port for the egress NetworkPolicies" $v.tracing.endpoint) }}
 {{- end }}
 {{- if and (eq $v.model.source "pvc") (not $v.model.pvc.claimName) }}
 {{- fail "model.pvc.claimName: model.source is pvc, so name the PersistentVolumeClaim that holds the model" }}

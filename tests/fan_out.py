@@ -41,8 +41,9 @@ class FanOutMesh:
         return [w.GetLoad(worker_pb2.GetLoadRequest(), timeout=5) for w in self.workers]
 
     def parent(self, request_id: str) -> router_pb2.ParentStats | None:
+        """The parent its caller named `request_id` (the mesh's own id is another)."""
         stats = self.router.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-        return next((p for p in stats.parents if p.parent_id == request_id), None)
+        return next((p for p in stats.parents if request_id in (p.client_request_id, p.parent_id)), None)
 
     def idle(self) -> bool:
         return all(load.running_sequences == 0 and load.waiting_sequences == 0 for load in self.loads())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -125,12 +126,14 @@ def test_admitted_requests_carry_the_tenant_and_a_default_priority_within_the_ce
     from meshserve.common.channels import aio_channel
     from meshserve.common.config import GatewayConfig
     from meshserve.common.models import ModelCatalog
+    from meshserve.common.renewing_channel import RenewingChannel
     from meshserve.common.routers import Routers
     from meshserve.gateway.infer import Infer
     from meshserve.gateway.mesh_client import MeshClient
 
     async def admitted(key: str, priority: int) -> common_pb2.TokenRequest:
-        routers, aggregator_channel = Routers(mesh.router), aio_channel(mesh.aggregator)
+        routers = Routers(mesh.router)
+        aggregator_channel = RenewingChannel(functools.partial(aio_channel, mesh.aggregator), None, "aggregator")
         try:
             client = MeshClient(routers, aggregator_channel)
             catalog = ModelCatalog(routers)

@@ -62,6 +62,6 @@ def test_with_log_text_each_line_carries_the_request_and_its_trace(spans, loop_t
     root = next(s for s in spans.get_finished_spans() if s.name == "/meshserve.v1.Inference/GenerateStream")
     for line in (request_line, output_line):
         assert line["service"] == "gateway" and line["level"] == "info" and line["ts"].endswith("Z")
-        assert line["request_id"] == "log-me"
+        assert line["client_request_id"] == "log-me" and len(line["request_id"]) == 32  # the mesh's own id
         assert line["trace_id"] == format(root.context.trace_id, "032x")
         assert len(line["span_id"]) == 16

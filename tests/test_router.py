@@ -285,7 +285,7 @@ def test_a_workers_load_counts_every_routers_sequences_and_what_this_one_sent_si
     from meshserve.router.workers import WorkerEndpoint
     from meshserve.v1 import worker_pb2
 
-    worker = WorkerEndpoint("w:1", stub=None, channel=None)  # type: ignore[arg-type]
+    worker = WorkerEndpoint("w:1", channel=None)  # type: ignore[arg-type]
     worker.in_flight = 5  # this router's: 3 the worker had counted when it reported, 2 sent since
     worker.load = worker_pb2.LoadReport(running_sequences=7, waiting_sequences=1, stream_sequences=3, max_num_seqs=8)
     assert worker.busy == 8 + 2  # 4 of another router's, 3 + 2 of ours, 1 waiting

@@ -36,6 +36,7 @@ from meshserve.gateway.http_openai import (
     model_list,
     parse_body,
 )
+from meshserve.gateway.http_origin import BrowserGuard
 from meshserve.gateway.infer import Infer
 from meshserve.gateway.metrics import RequestObserver
 from meshserve.gateway.openai_errors import ERROR_TYPES, BodyTimeout, BodyTooLarge, UnsupportedMediaType, error_body
@@ -105,12 +106,12 @@ class OpenAIApi:
 
     async def list_models(self, request: web.Request) -> web.Response:
         self.infer.authenticate(request.headers.get("Authorization"))
-        return json_response(model_list(await self.infer.list_models(names_only=True)))
+        return json_response(model_list(await self.infer.list_models()))
 
     async def get_model(self, request: web.Request) -> web.Response:
         self.infer.authenticate(request.headers.get("Authorization"))
         name = request.match_info["name"]
-        for model in await self.infer.list_models(names_only=True):
+        for model in await self.infer.list_models():
             if model.name == name:
                 return json_response(model_card(model))
         raise MeshError(grpc.StatusCode.NOT_FOUND, f"model: unknown model {name[:200]!r}")
@@ -141,10 +142,9 @@ class OpenAIApi:
             parsed.request.request_id = request.headers["X-Request-Id"]
         admission = await self.infer.admit(parsed.request, tenant, observer)
         validated = admission.validated
-        request_id = validated.token_request.request_id
-        shaper = ResponseShaper(parsed, validated.model.name, request_id, validated.model.tokenizer)
+        shaper = ResponseShaper(parsed, validated.model.name, validated.response_id, validated.model.tokenizer)
         timeout = self.config.http_timeout_seconds
-        headers = {"X-Request-Id": request_id}
+        headers = {"X-Request-Id": validated.response_id}
         if not parsed.stream:
             reply = await self.infer.complete(admission, timeout)
             return json_response(shaper.whole(reply), headers=headers)
@@ -168,7 +168,7 @@ class OpenAIApi:
                 # Headers are gone: the error travels as an event, which OpenAI clients raise.
                 error = exc if isinstance(exc, MeshError) else from_rpc_error(exc)
                 observer.outcome = error
-                error = for_clients(error, request_id)
+                error = for_clients(error, validated.token_request.request_id)
                 await response.write(_sse(error_body(error, parsed.body)[1].model_dump_json()))
             await response.write_eof()
             return response
@@ -207,9 +207,10 @@ def _sse(event_json: str) -> bytes:
 def error_response(error: MeshError, parsed: OpenAIRequest | None) -> web.Response:
     """The error in OpenAI's shape; a private one (an address, an exception's text) in the stable words of
     for_clients, its details logged under the request id, which the response carries."""
-    request_id = current_request_id.get()
+    request_id = current_request_id.get()  # the mesh's: the one the logs are under
     status, body = error_body(for_clients(error, request_id), parsed.body if parsed is not None else None)
-    headers = {"X-Request-Id": request_id} if request_id else {}
+    response_id = (parsed.request.request_id if parsed is not None else "") or request_id
+    headers = {"X-Request-Id": response_id} if response_id else {}
     delay = retry_delay_seconds(error)
     if delay is not None:
         headers["Retry-After"] = str(max(1, math.ceil(delay)))
@@ -260,7 +261,8 @@ def bound_connections(server: web.Server, limit: int) -> None:
 def build_app(infer: Infer, config: GatewayConfig) -> web.Application:
     # The body limit is checked by OpenAIApi._body (to answer 413 in OpenAI's shape); aiohttp's own stops
     # a body without a Content-Length at the same size.
-    app = web.Application(middlewares=[openai_errors], client_max_size=config.http_max_body_bytes)
+    guard = BrowserGuard(config.host, config.http_allowed_origins, config.http_allowed_hosts)
+    app = web.Application(middlewares=[openai_errors, guard.middleware], client_max_size=config.http_max_body_bytes)
     app.add_routes(OpenAIApi(infer, config).routes())
     return app
 

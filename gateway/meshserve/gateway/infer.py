@@ -20,9 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from meshserve.common.config import GatewayConfig
 from meshserve.common.errors import MeshError, for_clients, not_found
-from meshserve.common.logs import current_request_id
+from meshserve.common.logs import current_client_request_id, current_request_id
 from meshserve.common.metrics import new_registry
 from meshserve.common.models import ModelCatalog
+from meshserve.common.objectives import parse_ttft_objectives
 from meshserve.common.usage import outputs_usage
 from meshserve.gateway.auth import KeyStore, Tenant
 from meshserve.gateway.mesh_client import MeshClient
@@ -54,7 +55,7 @@ class Infer:
         self.mesh = mesh
         self.keys = keys or KeyStore()
         self.limits = limits or RateLimiter()
-        self.metrics = GatewayMetrics(metrics_registry or new_registry())
+        self.metrics = GatewayMetrics(metrics_registry or new_registry(), parse_ttft_objectives(config.slo_ttft))
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The caller's tenant; UNAUTHENTICATED before anything reaches the router."""
@@ -72,6 +73,8 @@ class Infer:
         validated = await self._validate(request)
         validated.token_request.tenant = tenant.name
         validated.token_request.priority = priority
+        validated.token_request.cache_salt = cache_salt(self.config.prefix_cache_scope, tenant.name, request.cache_salt)
+        log.info("request admitted", extra={"fields": {"tenant": tenant.name}})
         reservation = self.limits.reserve(tenant, _token_budget(request, validated))
         if observer is not None:
             observer.accepted(validated.token_request, validated.model.name, max(validated.n, request.best_of))
@@ -102,9 +105,7 @@ class Infer:
             if not final:
                 usage = outputs_usage(prompt_tokens, finished)
                 used = usage.total_tokens
-                yield inference_pb2.GenerateStreamResponse(
-                    request_id=validated.token_request.request_id, usage=usage, final=True
-                )
+                yield inference_pb2.GenerateStreamResponse(request_id=validated.response_id, usage=usage, final=True)
         finally:
             admission.reservation.settle(used)
             if self.config.log_text:
@@ -122,7 +123,7 @@ class Infer:
         finally:
             admission.reservation.settle(spent.tokens)
 
-    async def list_models(self, names_only: bool) -> list[common_pb2.ModelInfo]:
+    async def list_models(self, include_tokenizer_files: bool = False) -> list[common_pb2.ModelInfo]:
         # From the catalog, read again at most every LIST_MODELS_TTL_S: a caller listing in a loop costs the
         # router nothing more.
         await self.catalog.refresh_if_older(LIST_MODELS_TTL_S)
@@ -130,7 +131,7 @@ class Infer:
         for served in self.catalog.models.values():
             info = common_pb2.ModelInfo()
             info.CopyFrom(served.info)  # a copy: the catalog's own keeps its tokenizer files
-            if names_only:
+            if not include_tokenizer_files:
                 info.ClearField("tokenizer_files")
             models.append(info)
         return models
@@ -177,7 +178,7 @@ class Infer:
             completion.tool_calls.extend(call for _, call in sorted(calls.get(completion.index, {}).items()))
         prompt_tokens = len(validated.token_request.prompt_token_ids)
         return inference_pb2.GenerateResponse(
-            request_id=validated.token_request.request_id,
+            request_id=validated.response_id,
             model=validated.model.name,
             completions=ordered,
             usage=total if total is not None else outputs_usage(prompt_tokens, [c.usage for c in ordered]),
@@ -193,6 +194,7 @@ class Infer:
         # In a thread: tokenising a long prompt or rendering a chat template must not stall other streams.
         validated = await asyncio.to_thread(validate, request, model, self.config.default_max_tokens, self.config.max_n)
         current_request_id.set(validated.token_request.request_id)
+        current_client_request_id.set(validated.token_request.client_request_id)
         return validated
 
     async def _mesh_stream(
@@ -200,7 +202,7 @@ class Infer:
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         """A single output goes to the router; a fan-out to the aggregator, which sends its sub-requests through
         the router. Either way the messages come as the public ones (mesh_client), given the request id here."""
-        request_id = validated.token_request.request_id
+        request_id, response_id = validated.token_request.request_id, validated.response_id
         # The request's span is the parent of its calls into the mesh (the current context otherwise).
         parent = trace.set_span_in_context(observer.span) if observer is not None else otel_context.get_current()
         if validated.fan_out is None:
@@ -214,7 +216,7 @@ class Infer:
         # Our consumer stopped or was cancelled: closing the stream cancels its call.
         async with contextlib.aclosing(stream):
             async for message in stream:
-                message.request_id = request_id
+                message.request_id = response_id
                 if message.HasField("error"):  # one index's failure, relayed in the stream (best_effort)
                     message.error.CopyFrom(for_clients(MeshError.of_status(message.error), request_id).error_status())
                 if validated.tools is not None and not message.final:
@@ -260,6 +262,12 @@ def _prompt_texts(request: inference_pb2.GenerateRequest, validated: ValidatedRe
 def _log_output(texts: dict[int, str]) -> None:
     outputs = {str(index): text[:LOGGED_TEXT_CHARS] for index, text in sorted(texts.items())}
     log.info("generated text", extra={"fields": {"outputs": outputs}})
+
+
+def cache_salt(scope: str, tenant: str, caller_salt: str) -> str:
+    """The salt a request's prompt blocks are cached under: its tenant's (unless the operator shares the cache),
+    narrowed by the caller's own. Tenant names cannot hold NUL, so no two (tenant, salt) pairs meet."""
+    return f"{tenant}\0{caller_salt}" if scope == "tenant" else caller_salt
 
 
 def _token_budget(request: inference_pb2.GenerateRequest, validated: ValidatedRequest) -> int:

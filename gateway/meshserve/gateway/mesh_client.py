@@ -14,6 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from meshserve.common.errors import from_rpc_error
+from meshserve.common.renewing_channel import RenewingChannel
 from meshserve.common.routers import Routers
 from meshserve.v1 import aggregator_pb2, inference_pb2
 
@@ -22,14 +23,18 @@ def _method(module, service: str, method: str) -> str:
     return f"/{module.DESCRIPTOR.services_by_name[service].full_name}/{method}"
 
 
+def _fan_out_method(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
+    return channel.unary_stream(
+        _method(aggregator_pb2, "Aggregator", "Generate"),
+        request_serializer=aggregator_pb2.FanOutRequest.SerializeToString,
+        response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
+    )
+
+
 class MeshClient:
-    def __init__(self, routers: Routers, aggregator: grpc.aio.Channel) -> None:
+    def __init__(self, routers: Routers, aggregator: RenewingChannel) -> None:
         self.routers = routers  # spread over, and resumed across when one is lost (common/routers.py)
-        self._fan_out = aggregator.unary_stream(
-            _method(aggregator_pb2, "Aggregator", "Generate"),
-            request_serializer=aggregator_pb2.FanOutRequest.SerializeToString,
-            response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
-        )
+        self.aggregator = aggregator  # made again when the TLS files change
 
     def generate(
         self, request, timeout: float | None, parent: Context | None = None
@@ -42,7 +47,7 @@ class MeshClient:
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         token = otel_context.attach(parent) if parent is not None else None
         try:
-            call = self._fan_out(request, timeout=timeout)
+            call = self.aggregator.derived("fan_out", _fan_out_method)(request, timeout=timeout)
         finally:
             if token is not None:
                 otel_context.detach(token)

@@ -2,6 +2,8 @@
 
 One `RequestObserver` follows one request from either API (gRPC or HTTP): time to first token,
 inter-token latency, end-to-end latency, tokens and outcome, labelled by model and priority class.
+Each class's recent TTFTs (p50, p99) and, with `--slo-ttft`, the share that met its objective are
+gauges, as the caller saw them (the router exports the same from where it stands).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from meshserve.common.enums import FINISH_REASON_NAMES, priority_name
 from meshserve.common.errors import status_code_name
 from meshserve.common.metrics import INTER_TOKEN_BUCKETS, LATENCY_BUCKETS
+from meshserve.common.objectives import ObjectiveCollector, RecentLatencies
 from meshserve.common.telemetry import (
     GEN_AI_OPERATION_NAME,
     GEN_AI_REQUEST_CHOICE_COUNT,
@@ -41,9 +44,14 @@ def operation_name(request: inference_pb2.GenerateRequest) -> str:
     return "chat" if request.WhichOneof("input") == "messages" else "text_completion"
 
 
+RECENT_WINDOW_S = 60.0
+
+
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, objectives: dict[int, float] | None = None) -> None:
         labels = ["model", "priority"]
+        self.recent_ttft = RecentLatencies(RECENT_WINDOW_S, samples=1024)
+        registry.register(ObjectiveCollector("meshserve_gateway", "at the gateway", objectives or {}, self.recent_ttft))
         self.requests = Counter(
             "meshserve_gateway_requests",
             "Requests answered, by model, priority class, gRPC status code and API (grpc or http)",
@@ -101,6 +109,7 @@ class RequestObserver:
         self.operation = operation
         self.model = ""
         self.priority = "normal"
+        self.priority_value = common_pb2.PRIORITY_NORMAL
         self.started = time.monotonic()
         self.last_token: dict[int, float] = {}  # per completion index
         self._inter_token: Any = None  # the inter-token histogram of its model and priority, once accepted
@@ -124,6 +133,7 @@ class RequestObserver:
         """The request was admitted as `request`: from here on it is labelled by model and priority."""
         self.model = model
         self.priority = priority_name(request.priority)
+        self.priority_value = request.priority
         # Looked up once: every token observes it.
         self._inter_token = self.metrics.inter_token_latency.labels(model, self.priority)
         self.prompt_tokens = len(request.prompt_token_ids)
@@ -132,7 +142,8 @@ class RequestObserver:
             {
                 GEN_AI_REQUEST_MODEL: model,
                 GEN_AI_RESPONSE_MODEL: model,
-                GEN_AI_RESPONSE_ID: request.request_id,
+                GEN_AI_RESPONSE_ID: request.client_request_id or request.request_id,
+                "meshserve.request_id": request.request_id,
                 GEN_AI_USAGE_INPUT_TOKENS: self.prompt_tokens,
                 GEN_AI_REQUEST_CHOICE_COUNT: choices,
                 GEN_AI_REQUEST_MAX_TOKENS: request.sampling.max_tokens,
@@ -148,6 +159,7 @@ class RequestObserver:
         if count:
             if not self.last_token:
                 self.metrics.time_to_first_token.labels(self.model, self.priority).observe(now - self.started)
+                self.metrics.recent_ttft.observe(self.priority_value, now - self.started)
                 self.span.add_event("first token")
             previous = self.last_token.get(index)
             # Per token, so the histogram counts tokens, not messages: a completion's first message starts its

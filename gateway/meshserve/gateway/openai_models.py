@@ -250,6 +250,8 @@ class GenerationRequest(OpenAIModel):
     logit_bias: Annotated[dict[str, Any] | None, _only((None, {}), "is not supported")] = None
     # meshserve's (as vLLM's): not OpenAI's.
     priority: Annotated[Priority | None, Proto("priority")] = None
+    # Only requests of the same tenant with the same salt share cached prompt blocks (vLLM's name).
+    cache_salt: Annotated[Text | None, Proto("cache_salt")] = None
     top_k: Annotated[TopK | None, Proto("sampling.top_k")] = None
     min_p: Annotated[Float32 | None, Proto("sampling.min_p")] = None
     repetition_penalty: Annotated[Float32 | None, Proto("sampling.repetition_penalty")] = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from meshserve.common.config import GatewayConfig
 from meshserve.common.errors import MeshError, abort, invalid_argument, public_grpc_errors
 from meshserve.common.metrics import new_registry
 from meshserve.common.models import ModelCatalog
+from meshserve.common.objectives import parse_ttft_objectives
+from meshserve.common.renewing_channel import RenewingChannel
 from meshserve.common.routers import Routers
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.tls import mesh_tls, refuse_off_loopback
@@ -76,7 +79,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ListModelsResponse:
         self.core.authenticate(_authorization(context))
-        return common_pb2.ListModelsResponse(models=await self.core.list_models(_parsed(request).names_only))
+        request = _parsed(request)
+        include = request.include_tokenizer_files and not request.names_only
+        return common_pb2.ListModelsResponse(models=await self.core.list_models(include))
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -182,6 +187,9 @@ class RunningGateway(RunningServer):
     infer: Infer | None = None
 
 
+PREFIX_CACHE_SCOPES = ("tenant", "shared")
+
+
 def key_store(config: GatewayConfig) -> KeyStore:
     """The gateway's API keys. Secure by default: no keys is allowed on loopback only, unless asked for."""
     try:
@@ -202,13 +210,22 @@ def key_store(config: GatewayConfig) -> KeyStore:
 
 async def start_gateway(config: GatewayConfig) -> RunningGateway:
     """Serves at once; reports SERVING on grpc.health.v1 once the router has listed at least one model."""
+    if config.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+        raise SystemExit(
+            f"meshserve: --prefix-cache-scope must be one of {', '.join(PREFIX_CACHE_SCOPES)}, "
+            f"not {config.prefix_cache_scope!r}"
+        )
+    try:
+        parse_ttft_objectives(config.slo_ttft)
+    except ValueError as exc:
+        raise SystemExit(f"meshserve: --slo-ttft {exc}") from exc
     keys = key_store(config)
     tls = mesh_tls(config, "gateway")  # the public ports' certificate, and the one it shows inside the mesh
     try:
         routers = Routers(config.router, inference_pb2.GenerateStreamResponse, tls)
     except ValueError as exc:
         raise SystemExit(f"meshserve: {exc}") from exc
-    aggregator_channel = aio_channel(config.aggregator, **(tls.channel_args("aggregator") if tls else {}))
+    aggregator_channel = RenewingChannel(functools.partial(aio_channel, config.aggregator), tls, "aggregator")
     mesh = MeshClient(routers, aggregator_channel)
     catalog = ModelCatalog(routers)
     registry = new_registry()

@@ -24,6 +24,7 @@ MAX_REQUEST_BYTES = 2 * MAX_PROMPT_BYTES
 MAX_MESSAGES = 4096  # a conversation's turns; far above any context, far below what would stall the loop
 FAN_OUT_INPUTS = ("batch", "map_reduce")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclass
@@ -37,6 +38,11 @@ class ValidatedRequest:
     tools: ToolUse | None = None
     # What its prompts cost the tenant: the prompt, a batch's inputs together, or a map-reduce's text.
     prompt_tokens: int = 0
+
+    @property
+    def response_id(self) -> str:
+        """The id its answer carries: the caller's own if it chose one, else the mesh's."""
+        return self.token_request.client_request_id or self.token_request.request_id
 
 
 def validate(
@@ -58,6 +64,8 @@ def validate(
 
     if request.request_id and not REQUEST_ID.match(request.request_id):
         violations.append(("request_id", "must be 1-128 characters of letters, digits and . _ : / -"))
+    if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
+        violations.append(("cache_salt", f"must be at most {MAX_CACHE_SALT_CHARS} characters"))
     n = request.n or 1
     if n > max_n:
         violations.append(("n", f"must be between 1 and {max_n}"))
@@ -101,7 +109,10 @@ def validate(
         raise invalid_argument(violations)
 
     token_request = common_pb2.TokenRequest(
-        request_id=request.request_id or uuid.uuid4().hex,
+        # Ours, always: a caller's id may repeat or copy another tenant's; it travels as a label.
+        request_id=uuid.uuid4().hex,
+        client_request_id=request.request_id,
+        cache_salt=request.cache_salt,
         model=model.name,
         prompt_token_ids=prompt_ids,
         sampling=sampling,

@@ -41,8 +41,8 @@ def base_seed(sampling: common_pb2.SamplingParams) -> int:
 
 
 def candidate_requests(parent: common_pb2.TokenRequest, group: Group, tag: str) -> list[common_pb2.TokenRequest]:
-    """The group's sub-requests: the parent's model, priority and tenant, the group's prompt and sampling,
-    seed + j for candidate j, and parent_id so the router shows them as the parent's children.
+    """The group's sub-requests: the parent's model, priority, tenant, cache salt and label, the group's prompt
+    and sampling, seed + j for candidate j, and parent_id so the router shows them as the parent's children.
 
     A streamed candidate carries its output index (echoed on its chunks); a held one its candidate number.
     Held candidates always ask for log-probabilities: they are the score.
@@ -59,6 +59,8 @@ def candidate_requests(parent: common_pb2.TokenRequest, group: Group, tag: str) 
             tenant=parent.tenant,
             index=j if group.held else group.first_index + j,
             parent_id=parent.request_id,
+            client_request_id=parent.client_request_id,
+            cache_salt=parent.cache_salt,
         )
         sub.sampling.seed = (seed + j) % SEED_MODULUS
         if group.held:

@@ -53,8 +53,10 @@ class AsyncClient(ClientBase):
         built = make_request(prompt, messages=messages, request=request, **options)
         return AsyncChunkStream(self._start_stream(built), self._attempts(timeout))
 
-    async def list_models(self, *, names_only: bool = True, timeout: float | None = None) -> list[common_pb2.ModelInfo]:
-        request = common_pb2.ListModelsRequest(names_only=names_only)
+    async def list_models(
+        self, *, include_tokenizer_files: bool = False, timeout: float | None = None
+    ) -> list[common_pb2.ModelInfo]:
+        request = common_pb2.ListModelsRequest(include_tokenizer_files=include_tokenizer_files)
         return list((await self._unary(self._stub.ListModels, request, self._attempts(timeout))).models)
 
     async def _unary(self, method: Callable[..., Any], request: Any, attempts: Attempts) -> Any:

@@ -61,9 +61,11 @@ class Client(ClientBase):
         built = make_request(prompt, messages=messages, request=request, **options)
         return ChunkStream(self._start_stream(built), self._attempts(timeout))
 
-    def list_models(self, *, names_only: bool = True, timeout: float | None = None) -> list[common_pb2.ModelInfo]:
-        """The models the gateway serves (`names_only`: without their tokenizer files)."""
-        request = common_pb2.ListModelsRequest(names_only=names_only)
+    def list_models(
+        self, *, include_tokenizer_files: bool = False, timeout: float | None = None
+    ) -> list[common_pb2.ModelInfo]:
+        """The models the gateway serves (with `include_tokenizer_files`, those too: megabytes each)."""
+        request = common_pb2.ListModelsRequest(include_tokenizer_files=include_tokenizer_files)
         return list(self._unary(self._stub.ListModels, request, self._attempts(timeout)).models)
 
     def _unary(self, method: Callable[..., Any], request: Any, attempts: Attempts) -> Any:

@@ -147,6 +147,13 @@ class RouterConfig(ServerConfig):
         ),
     )
     aging_seconds: float = field(default=5.0, metadata=_help("waiting this long raises a request one priority class"))
+    slo_ttft: str = field(
+        default="",
+        metadata=_help(
+            "time-to-first-token objectives per class, e.g. critical=150ms,high=300ms: lower classes are held back "
+            "as a class nears its target, and BATCH and LOW shed while it keeps missing it (empty: none)"
+        ),
+    )
     affinity_slack: int = field(
         default=2, metadata=_help("how much busier the worker holding a prompt's prefix may be and still get it")
     )
@@ -188,6 +195,10 @@ class GatewayConfig(ServerConfig):
     router: str = field(default=f"{DEFAULT_HOST}:{ROUTER_PORT}", metadata=_help("router address"))
     aggregator: str = field(default=f"{DEFAULT_HOST}:{AGGREGATOR_PORT}", metadata=_help("aggregator address"))
     default_max_tokens: int = field(default=256, metadata=_help("max_tokens when a request leaves it unset"))
+    slo_ttft: str = field(
+        default="",
+        metadata=_help("time-to-first-token objectives per class, as the router's (metrics: attainment per class)"),
+    )
     max_n: int = field(default=64, metadata=_help("largest n a request may ask for"))
     model_refresh_seconds: float = field(default=30.0, metadata=_help("how often to re-read the served models"))
     api_keys_file: str = field(
@@ -222,6 +233,27 @@ class GatewayConfig(ServerConfig):
     )
     http_max_connections: int = field(
         default=1024, metadata=_help("open HTTP connections at most; more are closed as they arrive")
+    )
+    prefix_cache_scope: str = field(
+        default="tenant",
+        metadata=_help(
+            "who shares the workers' prefix cache: 'tenant' (a prompt reuses cached blocks only of its own "
+            "tenant's prompts, so no tenant can time another's) or 'shared' (every tenant's, more hits)"
+        ),
+    )
+    http_allowed_origins: str = field(
+        default="",
+        metadata=_help(
+            "comma-separated origins (scheme://host:port) of web pages that may call the HTTP API besides the "
+            "gateway's own; a request from any other page is refused (403)"
+        ),
+    )
+    http_allowed_hosts: str = field(
+        default="",
+        metadata=_help(
+            "comma-separated host names a loopback gateway answers to besides localhost and loopback addresses "
+            "(a page re-pointing its own name at 127.0.0.1 is refused: DNS rebinding)"
+        ),
     )
     gateway_replicas: int = field(
         default=1,

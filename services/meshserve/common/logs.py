@@ -12,6 +12,8 @@ from meshserve.common.telemetry import current_trace_ids
 
 # The request being served by the current task, so every log line of a request can be found.
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# The id its caller chose for it, if any (at the gateway: the mesh's id is always its own).
+current_client_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("client_request_id", default="")
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,6 +32,9 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id.get()
         if request_id:
             entry["request_id"] = request_id
+        client_request_id = current_client_request_id.get()
+        if client_request_id:
+            entry["client_request_id"] = client_request_id
         trace_id, span_id = current_trace_ids()
         if trace_id:
             entry["trace_id"], entry["span_id"] = trace_id, span_id

@@ -52,10 +52,11 @@ class ModelCatalog:
         changed."""
         self._last_refresh = time.monotonic()
         try:
-            reply = await self.routers.stub.ListModels(common_pb2.ListModelsRequest(names_only=True), timeout=timeout)
+            reply = await self.routers.stub.ListModels(common_pb2.ListModelsRequest(), timeout=timeout)
             if all(self._known(info) for info in reply.models):
                 return bool(self.models)
-            reply = await self.routers.stub.ListModels(common_pb2.ListModelsRequest(), timeout=timeout)
+            request = common_pb2.ListModelsRequest(include_tokenizer_files=True)
+            reply = await self.routers.stub.ListModels(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             log.info("router did not list models: %s", exc.code().name)
             return bool(self.models)

@@ -12,6 +12,7 @@ meshserve's status details, is final.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -24,6 +25,7 @@ from opentelemetry.context import Context
 
 from meshserve.common.channels import aio_channel
 from meshserve.common.errors import STATUS_DETAILS_KEY, MeshError, from_rpc_error
+from meshserve.common.renewing_channel import RenewingChannel
 from meshserve.common.tls import MeshTls
 from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -57,27 +59,22 @@ def router_lost(error: grpc.aio.AioRpcError) -> bool:
 class Routers:
     def __init__(self, spec: str, response_type: Any = common_pb2.StreamChunk, tls: MeshTls | None = None) -> None:
         self.targets = router_targets(spec)
-        tls_args = tls.channel_args("router") if tls else {}
-        # round_robin spreads one dns:/// channel's calls over every address of the name.
+        # round_robin spreads one dns:/// channel's calls over every address of the name. Each channel is made
+        # again when the TLS files change (a rotated certificate), its running calls finishing on the old one.
         self._channels = [
-            aio_channel(target, round_robin=target.startswith("dns:///"), **tls_args) for target in self.targets
-        ]
-        self._generate = [
-            channel.unary_stream(
-                GENERATE,
-                request_serializer=common_pb2.TokenRequest.SerializeToString,
-                response_deserializer=response_type.FromString,
+            RenewingChannel(
+                functools.partial(aio_channel, target, round_robin=target.startswith("dns:///")), tls, "router"
             )
-            for channel in self._channels
+            for target in self.targets
         ]
-        self._stubs = [router_pb2_grpc.RouterStub(channel) for channel in self._channels]
+        self._response_type = response_type
         self._turn = itertools.count()
         self.resumed = 0  # requests moved to another router (for metrics and tests)
 
     @property
     def stub(self) -> router_pb2_grpc.RouterStub:
         """A router for a unary call (ListModels, Stats): the next one that is not known to be down."""
-        return self._stubs[self._pick(set())]
+        return self._channels[self._pick(set())].derived("stub", router_pb2_grpc.RouterStub)
 
     async def generate(
         self, request: common_pb2.TokenRequest, timeout: float | None, parent: Context | None = None
@@ -99,7 +96,7 @@ class Routers:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             token = otel_context.attach(parent) if parent is not None else None
             try:
-                call = self._generate[index](attempt, timeout=remaining)
+                call = self._channels[index].derived("generate", self._generate_method)(attempt, timeout=remaining)
             finally:
                 if token is not None:
                     otel_context.detach(token)
@@ -123,6 +120,13 @@ class Routers:
             finally:
                 call.cancel()
 
+    def _generate_method(self, channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
+        return channel.unary_stream(
+            GENERATE,
+            request_serializer=common_pb2.TokenRequest.SerializeToString,
+            response_deserializer=self._response_type.FromString,
+        )
+
     def _pick(self, avoid: set[int]) -> int:
         """Round robin over the routers, skipping those this request lost and those whose channel is down;
         when every one is, the next in turn (its channel reconnects, or the call fails)."""
@@ -133,7 +137,7 @@ class Routers:
             index = (start + step) % count
             if index in avoid:
                 continue
-            state = self._channels[index].get_state(try_to_connect=True)
+            state = self._channels[index].channel.get_state(try_to_connect=True)
             if state not in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
                 return index
             fallback = index if fallback is None else fallback

@@ -81,6 +81,10 @@ class TlsFiles:
         """Changes when any of the three files is replaced or rewritten."""
         return tuple((s.st_mtime_ns, s.st_size) for s in (p.stat() for p in (self.cert, self.key, self.ca)))
 
+    def check_pair(self) -> None:
+        """ssl.SSLError unless the key matches the certificate (a rotation half written does not)."""
+        _server_context(self)
+
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """This identity's certificate presented to servers, which are verified against the CA."""
         cert, key, ca = self.read()
@@ -257,7 +261,7 @@ class _Reloader:
                 stamp = self.files.stamp()
                 if stamp == self.stamp:
                     return None
-                _server_context(self.files)  # the new key matches the new certificate
+                self.files.check_pair()
                 configuration = self.initial()
             except (OSError, ssl.SSLError) as exc:
                 log.warning("TLS files %s not reloaded (keeping the previous ones): %s", self.files.cert, exc)

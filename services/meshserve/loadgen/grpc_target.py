@@ -56,7 +56,7 @@ class GrpcTarget:
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         try:
             listed = await self._stub.ListModels(
-                common_pb2.ListModelsRequest(names_only=True), timeout=CONNECT_TIMEOUT_S, metadata=self._metadata
+                common_pb2.ListModelsRequest(), timeout=CONNECT_TIMEOUT_S, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
             await self._channel.close()

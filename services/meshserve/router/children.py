@@ -17,6 +17,7 @@ class ParentChildren:
     parent_id: str
     priority: int
     tenant: str
+    client_request_id: str = ""  # the caller's own id for it, as a label
     running_on: Counter[str] = field(default_factory=Counter)  # worker address -> children running there
     dispatched: int = 0
     finished: int = 0
@@ -35,10 +36,10 @@ class ChildrenTracker:
         # Parents that come back (a later map-reduce phase) are revived from here, keeping their totals.
         self._finished: OrderedDict[str, ParentChildren] = OrderedDict()
 
-    def started(self, parent_id: str, worker: str, priority: int, tenant: str) -> None:
+    def started(self, parent_id: str, worker: str, priority: int, tenant: str, client_request_id: str = "") -> None:
         parent = self._active.get(parent_id) or self._finished.pop(parent_id, None)
         if parent is None:
-            parent = ParentChildren(parent_id, priority, tenant)
+            parent = ParentChildren(parent_id, priority, tenant, client_request_id)
         self._active[parent_id] = parent
         parent.running_on[worker] += 1
         parent.dispatched += 1

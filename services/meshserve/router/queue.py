@@ -57,6 +57,11 @@ class Pending:
     arrival: int = field(default_factory=lambda: next(_arrivals))
     # Resolved with the chosen worker, or with the error that ended the wait (shed).
     assigned: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # What the TTFT model predicted on arrival (router/ttft_model.py), when it came out of the queue, and how
+    # many tokens have been relayed to the caller since.
+    prediction: Any = None
+    dispatched_at: float | None = None
+    relayed: int = 0
 
     @property
     def fair_key(self) -> tuple[int, str]:
@@ -136,6 +141,13 @@ class RequestQueue:
                 if p.request.model not in skip_models and (classes is None or p.priority in classes)
             ]
         return min(candidates, key=lambda p: self._rank(p, now), default=None)
+
+    def ahead_of(self, pending: Pending, now: float | None = None) -> list[Pending]:
+        """The queued requests of pending's model that go before it in the order above."""
+        now = self.clock() if now is None else now
+        rank = self._rank(pending, now)
+        model = pending.request.model
+        return [p for p in self._pending if (not model or p.request.model == model) and self._rank(p, now) < rank]
 
     def dispatched(self, pending: Pending) -> None:
         self.remove(pending)

@@ -18,13 +18,14 @@ from meshserve.common.enums import priority_name
 from meshserve.common.errors import MeshError, grpc_errors, invalid_argument, status_code_name
 from meshserve.common.logs import current_request_id
 from meshserve.common.metrics import new_registry
+from meshserve.common.objectives import parse_ttft_objectives
 from meshserve.common.server import RunningServer, Servicer, start_server
 from meshserve.common.telemetry import tracer
 from meshserve.common.tls import mesh_tls
 from meshserve.router.children import ChildrenTracker
 from meshserve.router.discovery import parse_sources
 from meshserve.router.dispatcher import Dispatcher
-from meshserve.router.metrics import RouterMetrics
+from meshserve.router.metrics import RouterMetrics, class_objectives
 from meshserve.router.queue import Pending, RequestQueue
 from meshserve.router.workers import WorkerEndpoint, WorkerPool
 from meshserve.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -65,12 +66,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if request.priority not in common_pb2.Priority.values():
             raise invalid_argument([("priority", f"unknown priority {request.priority}")])
         pending = Pending.of(request)
+        self.dispatcher.admit(pending, context.time_remaining())
         sent: list[int] = []  # tokens the caller already has
         failovers = 0
         while True:
             worker = await self._acquire(pending, context.time_remaining(), failovers)
             if request.parent_id:
-                self.children.started(request.parent_id, worker.address, pending.priority, request.tenant)
+                self.children.started(
+                    request.parent_id, worker.address, pending.priority, request.tenant, request.client_request_id
+                )
             attempt = request
             if sent:
                 attempt = common_pb2.TokenRequest()
@@ -94,10 +98,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     stream = worker.link.submit(attempt, context.time_remaining())
                 while True:
                     chunk = await stream.next()
+                    if chunk.token_ids and not sent:
+                        self._first_token(pending)
                     sent.extend(chunk.token_ids)
+                    pending.relayed = len(sent)
                     yield chunk
                     if chunk.finish_reason:
                         span.set_attribute("meshserve.router.tokens_relayed", len(sent))
+                        if chunk.finish_reason != common_pb2.FINISH_REASON_CANCELLED:
+                            self.dispatcher.model.finished(pending, len(sent))
                         return
             except MeshError as exc:
                 span.set_status(Status(StatusCode.ERROR, f"{exc.code.name}: {exc.message}"))
@@ -120,10 +129,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             finally:
                 if stream is not None:
                     stream.close()
-                self.dispatcher.release(worker)
+                self.dispatcher.release(worker, pending)
                 span.end()
                 if request.parent_id:
                     self.children.finished(request.parent_id, worker.address)
+
+    def _first_token(self, pending: Pending) -> None:
+        ttft = time.monotonic() - pending.enqueued_at
+        self.metrics.first_token(pending.priority, ttft, self.dispatcher.first_token(pending, ttft))
 
     async def _acquire(self, pending: Pending, timeout: float | None, failovers: int) -> WorkerEndpoint:
         """Waits in the queue for a worker with room, traced and measured per priority class."""
@@ -142,7 +155,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> common_pb2.ListModelsResponse:
         models = await self.pool.describe()
         response = common_pb2.ListModelsResponse(models=models)
-        if request.names_only:
+        if request.names_only or not request.include_tokenizer_files:
             for model in response.models:
                 model.ClearField("tokenizer_files")
         return response
@@ -155,6 +168,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             router_pb2.QueueStats(priority=priority, queued=count, oldest_wait_ms=int(oldest * 1000))
             for priority, (count, oldest) in self.dispatcher.queue.stats().items()
         ]
+        for queue in queues:
+            class_objectives(self.dispatcher, queue)
         workers = [
             router_pb2.WorkerStats(
                 address=w.address,
@@ -174,6 +189,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             shed=self.dispatcher.queue.shed,
             deadline_exceeded=self.dispatcher.deadline_exceeded,
             failovers=self.dispatcher.failovers,
+            deadline_refused=self.dispatcher.deadline_refused,
+            objective_shed=self.dispatcher.holdback.shed,
             parents=[
                 router_pb2.ParentStats(
                     parent_id=p.parent_id,
@@ -185,6 +202,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     peak_workers=p.peak_workers,
                     priority=p.priority,
                     tenant=p.tenant,
+                    client_request_id=p.client_request_id,
                 )
                 for p in self.children.parents()
             ],
@@ -211,9 +229,12 @@ async def start_router(config: RouterConfig) -> RunningServer:
         silence_seconds=config.worker_silence_seconds,
         tls=tls,
     )
-    dispatcher = Dispatcher(
-        RequestQueue(config.max_queued, config.aging_seconds, tenant_share=config.tenant_queue_share), pool
-    )
+    try:
+        objectives = parse_ttft_objectives(config.slo_ttft)
+    except ValueError as exc:
+        raise SystemExit(f"meshserve: --slo-ttft {exc}") from exc
+    queue = RequestQueue(config.max_queued, config.aging_seconds, tenant_share=config.tenant_queue_share)
+    dispatcher = Dispatcher(queue, pool, objectives)
     registry = new_registry()
     metrics = RouterMetrics(registry, dispatcher)
     await pool.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from meshserve.common.channels import aio_channel
+from meshserve.common.renewing_channel import RenewingChannel
 from meshserve.common.tls import MeshTls
 from meshserve.router.discovery import Source
 from meshserve.router.link import DEFAULT_SILENCE_S, WorkerLink
@@ -26,8 +28,8 @@ AFFINITY_ENTRIES = 10_000
 @dataclass
 class WorkerEndpoint:
     address: str
-    stub: worker_pb2_grpc.WorkerStub
-    channel: grpc.aio.Channel
+    # Made again when the TLS files change; the stream in use stays on the channel it opened on.
+    channel: RenewingChannel
     # Requests the router has sent and not yet seen finish.
     in_flight: int = 0
     dispatched: int = 0
@@ -41,6 +43,10 @@ class WorkerEndpoint:
     connected: bool = False
     # Discovery no longer lists it: no new work; it leaves the pool once idle.
     removed: bool = False
+
+    @property
+    def stub(self) -> worker_pb2_grpc.WorkerStub:
+        return self.channel.derived("stub", worker_pb2_grpc.WorkerStub)
 
     @property
     def up(self) -> bool:
@@ -105,8 +111,8 @@ class WorkerPool:
         for address in sorted(found - known):
             # Untraced: each submission carries its trace context. With TLS the worker must prove it is one,
             # whatever address discovery gave.
-            channel = aio_channel(address, traced=False, **(self.tls.channel_args("worker") if self.tls else {}))
-            worker = WorkerEndpoint(address, worker_pb2_grpc.WorkerStub(channel), channel)
+            make = functools.partial(aio_channel, address, traced=False)
+            worker = WorkerEndpoint(address, RenewingChannel(make, self.tls, "worker", retire_grace_s=None))
             self.workers.append(worker)
             self._watchers[address] = asyncio.create_task(self._watch(worker))
             log.info("worker %s added", address)
@@ -126,6 +132,7 @@ class WorkerPool:
             try:
                 if worker.model is None:
                     worker.model = await worker.stub.DescribeModel(worker_pb2.DescribeModelRequest(), timeout=5)
+                worker.channel.close_retired()  # the last stream on a replaced channel has ended
 
                 def on_load(report: worker_pb2.LoadReport) -> None:
                     nonlocal failures
@@ -149,19 +156,23 @@ class WorkerPool:
         worker.connected = False
         self.on_change()
 
-    def choose(self, request: common_pb2.TokenRequest, overflow: int = 0) -> WorkerEndpoint | None:
+    def choose(
+        self, request: common_pb2.TokenRequest, overflow: int | Callable[[WorkerEndpoint], int] = 0
+    ) -> WorkerEndpoint | None:
         """The least busy worker with room that serves the request's model, preferring the one that last
         served the same prompt prefix (its KV cache may hold it) unless that one is busier by more than
-        affinity_slack; None when no worker has room."""
+        affinity_slack; None when no worker has room. `overflow`: seats past max_num_seqs the request may
+        take (negative: seats it must leave free), or that per worker."""
+        extra = overflow if callable(overflow) else lambda worker: overflow
         candidates = [
             w
             for w in self.workers
-            if w.has_room(overflow) and (not request.model or (w.model and w.model.name == request.model))
+            if w.has_room(extra(w)) and (not request.model or (w.model and w.model.name == request.model))
         ]
         if not candidates:
             return None
         chosen = min(candidates, key=lambda w: (w.busy, w.last_picked))
-        key = prefix_key(request.prompt_token_ids)
+        key = prefix_key(request.prompt_token_ids, request.cache_salt)
         preferred = next((w for w in candidates if w.address == self._affinity.get(key)), None)
         if preferred is not None and preferred.busy <= chosen.busy + self.affinity_slack:
             chosen = preferred
@@ -201,5 +212,6 @@ class WorkerPool:
         await asyncio.gather(*(w.channel.close() for w in self.workers))
 
 
-def prefix_key(prompt_token_ids) -> int:
-    return hash(tuple(prompt_token_ids[:AFFINITY_PREFIX_TOKENS]))
+def prefix_key(prompt_token_ids, cache_salt: str = "") -> int:
+    """Prompts share a worker's cache only under the same salt, so they are steered together only then."""
+    return hash((cache_salt, tuple(prompt_token_ids[:AFFINITY_PREFIX_TOKENS])))

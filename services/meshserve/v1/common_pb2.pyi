@@ -188,7 +188,7 @@ class ToolCall(_message.Message):
     def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[str] = ...) -> None: ...
 
 class TokenRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "priority", "tenant", "index", "resume_token_ids", "parent_id")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "priority", "tenant", "index", "resume_token_ids", "parent_id", "client_request_id", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,8 @@ class TokenRequest(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -207,7 +209,9 @@ class TokenRequest(_message.Message):
     index: int
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     parent_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., index: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., parent_id: _Optional[str] = ...) -> None: ...
+    client_request_id: str
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., index: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., parent_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class StreamChunk(_message.Message):
     __slots__ = ("index", "token_ids", "text", "finish_reason", "usage", "final", "logprobs", "error", "mean_logprob", "tool_calls")
@@ -255,10 +259,12 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ("names_only",)
+    __slots__ = ("names_only", "include_tokenizer_files")
     NAMES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
     names_only: bool
-    def __init__(self, names_only: _Optional[bool] = ...) -> None: ...
+    include_tokenizer_files: bool
+    def __init__(self, names_only: _Optional[bool] = ..., include_tokenizer_files: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

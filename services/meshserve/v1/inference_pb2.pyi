@@ -62,7 +62,7 @@ class MapReduce(_message.Message):
     def __init__(self, text: _Optional[str] = ..., map_template: _Optional[str] = ..., reduce_template: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., map_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "token_ids", "batch", "map_reduce", "sampling", "n", "priority", "request_id", "best_of", "dedupe", "order_by_score", "failure_policy", "tools", "tool_choice")
+    __slots__ = ("model", "prompt", "messages", "token_ids", "batch", "map_reduce", "sampling", "n", "priority", "request_id", "best_of", "dedupe", "order_by_score", "failure_policy", "tools", "tool_choice", "cache_salt")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class GenerateRequest(_message.Message):
     FAILURE_POLICY_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: ChatMessages
@@ -95,7 +96,8 @@ class GenerateRequest(_message.Message):
     failure_policy: _common_pb2.FailurePolicy
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tool]
     tool_choice: ToolChoice
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., batch: _Optional[_Union[BatchInputs, _Mapping]] = ..., map_reduce: _Optional[_Union[MapReduce, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., request_id: _Optional[str] = ..., best_of: _Optional[int] = ..., dedupe: _Optional[bool] = ..., order_by_score: _Optional[bool] = ..., failure_policy: _Optional[_Union[_common_pb2.FailurePolicy, str]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., batch: _Optional[_Union[BatchInputs, _Mapping]] = ..., map_reduce: _Optional[_Union[MapReduce, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., request_id: _Optional[str] = ..., best_of: _Optional[int] = ..., dedupe: _Optional[bool] = ..., order_by_score: _Optional[bool] = ..., failure_policy: _Optional[_Union[_common_pb2.FailurePolicy, str]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class ToolChoice(_message.Message):
     __slots__ = ("mode", "function")

@@ -26,7 +26,7 @@ from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 from meshserve.v1 import worker_pb2 as meshserve_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/router.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\x1a\x19meshserve/v1/worker.proto\"\x14\n\x12RouterStatsRequest\"^\n\nQueueStats\x12(\n\x08priority\x18\x01 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x16\n\x0eoldest_wait_ms\x18\x03 \x01(\x04\"\x9a\x01\n\x0bWorkerStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12&\n\x04load\x18\x06 \x01(\x0b\x32\x18.meshserve.v1.LoadReport\x12\x12\n\ndispatched\x18\x07 \x01(\x04\"\xd2\x01\n\x0bParentStats\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x03(\t\x12\x12\n\ndispatched\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x04\x12\x16\n\x0epeak_in_flight\x18\x06 \x01(\r\x12\x14\n\x0cpeak_workers\x18\x07 \x01(\r\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x0e\n\x06tenant\x18\t \x01(\t\"\xdf\x01\n\x0bRouterStats\x12(\n\x06queues\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.QueueStats\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.WorkerStats\x12\x12\n\ndispatched\x18\x03 \x01(\x04\x12\x0c\n\x04shed\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65\x61\x64line_exceeded\x18\x05 \x01(\x04\x12\x11\n\tfailovers\x18\x06 \x01(\x04\x12*\n\x07parents\x18\x07 \x03(\x0b\x32\x19.meshserve.v1.ParentStats2\xe4\x01\n\x06Router\x12\x43\n\x08Generate\x12\x1a.meshserve.v1.TokenRequest\x1a\x19.meshserve.v1.StreamChunk0\x01\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponse\x12\x44\n\x05Stats\x12 .meshserve.v1.RouterStatsRequest\x1a\x19.meshserve.v1.RouterStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/router.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\x1a\x19meshserve/v1/worker.proto\"\x14\n\x12RouterStatsRequest\"\xfe\x01\n\nQueueStats\x12(\n\x08priority\x18\x01 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x16\n\x0eoldest_wait_ms\x18\x03 \x01(\x04\x12\x1a\n\x12recent_ttft_p50_ms\x18\x04 \x01(\r\x12\x1a\n\x12recent_ttft_p99_ms\x18\x05 \x01(\r\x12\x19\n\x11ttft_objective_ms\x18\x06 \x01(\r\x12\x1c\n\x14objective_attainment\x18\x07 \x01(\x02\x12\x19\n\x11predicted_ttft_ms\x18\x08 \x01(\r\x12\x12\n\nheld_seats\x18\t \x01(\r\"\x9a\x01\n\x0bWorkerStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12&\n\x04load\x18\x06 \x01(\x0b\x32\x18.meshserve.v1.LoadReport\x12\x12\n\ndispatched\x18\x07 \x01(\x04\"\xed\x01\n\x0bParentStats\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x03(\t\x12\x12\n\ndispatched\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x04\x12\x16\n\x0epeak_in_flight\x18\x06 \x01(\r\x12\x14\n\x0cpeak_workers\x18\x07 \x01(\r\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\n \x01(\t\"\x91\x02\n\x0bRouterStats\x12(\n\x06queues\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.QueueStats\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.WorkerStats\x12\x12\n\ndispatched\x18\x03 \x01(\x04\x12\x0c\n\x04shed\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65\x61\x64line_exceeded\x18\x05 \x01(\x04\x12\x11\n\tfailovers\x18\x06 \x01(\x04\x12*\n\x07parents\x18\x07 \x03(\x0b\x32\x19.meshserve.v1.ParentStats\x12\x18\n\x10\x64\x65\x61\x64line_refused\x18\x08 \x01(\x04\x12\x16\n\x0eobjective_shed\x18\t \x01(\x04\x32\xe4\x01\n\x06Router\x12\x43\n\x08Generate\x12\x1a.meshserve.v1.TokenRequest\x1a\x19.meshserve.v1.StreamChunk0\x01\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponse\x12\x44\n\x05Stats\x12 .meshserve.v1.RouterStatsRequest\x1a\x19.meshserve.v1.RouterStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUTERSTATSREQUEST']._serialized_start=97
   _globals['_ROUTERSTATSREQUEST']._serialized_end=117
-  _globals['_QUEUESTATS']._serialized_start=119
-  _globals['_QUEUESTATS']._serialized_end=213
-  _globals['_WORKERSTATS']._serialized_start=216
-  _globals['_WORKERSTATS']._serialized_end=370
-  _globals['_PARENTSTATS']._serialized_start=373
-  _globals['_PARENTSTATS']._serialized_end=583
-  _globals['_ROUTERSTATS']._serialized_start=586
-  _globals['_ROUTERSTATS']._serialized_end=809
-  _globals['_ROUTER']._serialized_start=812
-  _globals['_ROUTER']._serialized_end=1040
+  _globals['_QUEUESTATS']._serialized_start=120
+  _globals['_QUEUESTATS']._serialized_end=374
+  _globals['_WORKERSTATS']._serialized_start=377
+  _globals['_WORKERSTATS']._serialized_end=531
+  _globals['_PARENTSTATS']._serialized_start=534
+  _globals['_PARENTSTATS']._serialized_end=771
+  _globals['_ROUTERSTATS']._serialized_start=774
+  _globals['_ROUTERSTATS']._serialized_end=1047
+  _globals['_ROUTER']._serialized_start=1050
+  _globals['_ROUTER']._serialized_end=1278
 # @@protoc_insertion_point(module_scope)

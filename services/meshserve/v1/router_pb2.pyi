@@ -13,14 +13,26 @@ class RouterStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class QueueStats(_message.Message):
-    __slots__ = ("priority", "queued", "oldest_wait_ms")
+    __slots__ = ("priority", "queued", "oldest_wait_ms", "recent_ttft_p50_ms", "recent_ttft_p99_ms", "ttft_objective_ms", "objective_attainment", "predicted_ttft_ms", "held_seats")
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     OLDEST_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_TTFT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_TTFT_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_OBJECTIVE_MS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_ATTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    HELD_SEATS_FIELD_NUMBER: _ClassVar[int]
     priority: _common_pb2.Priority
     queued: int
     oldest_wait_ms: int
-    def __init__(self, priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., queued: _Optional[int] = ..., oldest_wait_ms: _Optional[int] = ...) -> None: ...
+    recent_ttft_p50_ms: int
+    recent_ttft_p99_ms: int
+    ttft_objective_ms: int
+    objective_attainment: float
+    predicted_ttft_ms: int
+    held_seats: int
+    def __init__(self, priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., queued: _Optional[int] = ..., oldest_wait_ms: _Optional[int] = ..., recent_ttft_p50_ms: _Optional[int] = ..., recent_ttft_p99_ms: _Optional[int] = ..., ttft_objective_ms: _Optional[int] = ..., objective_attainment: _Optional[float] = ..., predicted_ttft_ms: _Optional[int] = ..., held_seats: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("address", "up", "draining", "in_flight", "model", "load", "dispatched")
@@ -41,7 +53,7 @@ class WorkerStats(_message.Message):
     def __init__(self, address: _Optional[str] = ..., up: _Optional[bool] = ..., draining: _Optional[bool] = ..., in_flight: _Optional[int] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_worker_pb2.LoadReport, _Mapping]] = ..., dispatched: _Optional[int] = ...) -> None: ...
 
 class ParentStats(_message.Message):
-    __slots__ = ("parent_id", "in_flight", "workers", "dispatched", "finished", "peak_in_flight", "peak_workers", "priority", "tenant")
+    __slots__ = ("parent_id", "in_flight", "workers", "dispatched", "finished", "peak_in_flight", "peak_workers", "priority", "tenant", "client_request_id")
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +63,7 @@ class ParentStats(_message.Message):
     PEAK_WORKERS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     parent_id: str
     in_flight: int
     workers: _containers.RepeatedScalarFieldContainer[str]
@@ -60,10 +73,11 @@ class ParentStats(_message.Message):
     peak_workers: int
     priority: _common_pb2.Priority
     tenant: str
-    def __init__(self, parent_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., dispatched: _Optional[int] = ..., finished: _Optional[int] = ..., peak_in_flight: _Optional[int] = ..., peak_workers: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., tenant: _Optional[str] = ...) -> None: ...
+    client_request_id: str
+    def __init__(self, parent_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., dispatched: _Optional[int] = ..., finished: _Optional[int] = ..., peak_in_flight: _Optional[int] = ..., peak_workers: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., tenant: _Optional[str] = ..., client_request_id: _Optional[str] = ...) -> None: ...
 
 class RouterStats(_message.Message):
-    __slots__ = ("queues", "workers", "dispatched", "shed", "deadline_exceeded", "failovers", "parents")
+    __slots__ = ("queues", "workers", "dispatched", "shed", "deadline_exceeded", "failovers", "parents", "deadline_refused", "objective_shed")
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +85,8 @@ class RouterStats(_message.Message):
     DEADLINE_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_SHED_FIELD_NUMBER: _ClassVar[int]
     queues: _containers.RepeatedCompositeFieldContainer[QueueStats]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     dispatched: int
@@ -78,4 +94,6 @@ class RouterStats(_message.Message):
     deadline_exceeded: int
     failovers: int
     parents: _containers.RepeatedCompositeFieldContainer[ParentStats]
-    def __init__(self, queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., dispatched: _Optional[int] = ..., shed: _Optional[int] = ..., deadline_exceeded: _Optional[int] = ..., failovers: _Optional[int] = ..., parents: _Optional[_Iterable[_Union[ParentStats, _Mapping]]] = ...) -> None: ...
+    deadline_refused: int
+    objective_shed: int
+    def __init__(self, queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., dispatched: _Optional[int] = ..., shed: _Optional[int] = ..., deadline_exceeded: _Optional[int] = ..., failovers: _Optional[int] = ..., parents: _Optional[_Iterable[_Union[ParentStats, _Mapping]]] = ..., deadline_refused: _Optional[int] = ..., objective_shed: _Optional[int] = ...) -> None: ...

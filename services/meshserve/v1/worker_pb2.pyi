@@ -65,7 +65,7 @@ class SequenceChunk(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.StreamChunk, _Mapping]] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("running_sequences", "waiting_sequences", "max_num_seqs", "sequences_finished", "sequences_cancelled", "generated_tokens", "free_kv_blocks", "total_kv_blocks", "kv_block_size", "tokens_per_second", "prefix_cache_hit_rate", "draining", "preemptions", "max_num_batched_tokens", "waiting_by_priority", "stream_sequences")
+    __slots__ = ("running_sequences", "waiting_sequences", "max_num_seqs", "sequences_finished", "sequences_cancelled", "generated_tokens", "free_kv_blocks", "total_kv_blocks", "kv_block_size", "tokens_per_second", "prefix_cache_hit_rate", "draining", "preemptions", "max_num_batched_tokens", "waiting_by_priority", "stream_sequences", "step_seconds", "steps")
     RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,8 @@ class LoadReport(_message.Message):
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WAITING_BY_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     STREAM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     running_sequences: int
     waiting_sequences: int
     max_num_seqs: int
@@ -98,4 +100,6 @@ class LoadReport(_message.Message):
     max_num_batched_tokens: int
     waiting_by_priority: _containers.RepeatedScalarFieldContainer[int]
     stream_sequences: int
-    def __init__(self, running_sequences: _Optional[int] = ..., waiting_sequences: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., sequences_finished: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., draining: _Optional[bool] = ..., preemptions: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., waiting_by_priority: _Optional[_Iterable[int]] = ..., stream_sequences: _Optional[int] = ...) -> None: ...
+    step_seconds: float
+    steps: int
+    def __init__(self, running_sequences: _Optional[int] = ..., waiting_sequences: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., sequences_finished: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., draining: _Optional[bool] = ..., preemptions: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., waiting_by_priority: _Optional[_Iterable[int]] = ..., stream_sequences: _Optional[int] = ..., step_seconds: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...

@@ -52,6 +52,7 @@ class EngineClient:
             loop=self._loop,
             priority=served_priority(request.priority),
             deadline=time.monotonic() + timeout if timeout is not None else None,
+            cache_salt=request.cache_salt,
         )
         try:
             # Failover: it continues after the tokens the caller already has.

@@ -1,5 +1,8 @@
 """KV-cache blocks: a fixed pool, block tables, prefix caching by chained block hashes, LRU reuse of free blocks.
 
+A sequence's cache salt starts its chain of hashes: prompts with different salts (tenants, unless the operator
+shares the cache) never share a block, so no one can learn from a fast first token what another sent.
+
 The block manager only does bookkeeping (which block holds which tokens); the tensors
 live in the model runner's pool and are indexed by the block ids handed out here.
 """
@@ -67,23 +70,24 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+    def cached_prefix_tokens(self, token_ids: Sequence[int], salt: str = "") -> int:
         """How many leading tokens a new sequence would find in the cache (no side effects)."""
-        return len(self._lookup(token_ids)) * self.block_size
+        return len(self._lookup(token_ids, salt)) * self.block_size
 
-    def can_allocate(self, token_ids: Sequence[int]) -> bool:
-        hits = self._lookup(token_ids)
+    def can_allocate(self, token_ids: Sequence[int], salt: str = "") -> bool:
+        hits = self._lookup(token_ids, salt)
         # Taking a cached block that is currently free removes it from the free pool too.
         free_after_hits = self.num_free_blocks - sum(1 for i in hits if self.blocks[i].ref_count == 0)
         return self.blocks_needed(len(token_ids)) - len(hits) <= free_after_hits
 
-    def allocate(self, token_ids: Sequence[int]) -> Allocation:
-        """Blocks for a new (or recomputed) sequence, reusing the cached blocks of its longest cached prefix."""
+    def allocate(self, token_ids: Sequence[int], salt: str = "") -> Allocation:
+        """Blocks for a new (or recomputed) sequence, reusing the cached blocks of its longest cached prefix
+        among those cached under the same salt."""
         if not token_ids:
             raise ValueError("a sequence needs at least one token")
-        if not self.can_allocate(token_ids):
+        if not self.can_allocate(token_ids, salt):
             raise MemoryError(f"{self.blocks_needed(len(token_ids))} blocks needed, {self.num_free_blocks} free")
-        table = [self._take(block_id).block_id for block_id in self._lookup(token_ids)]
+        table = [self._take(block_id).block_id for block_id in self._lookup(token_ids, salt)]
         num_cached_tokens = len(table) * self.block_size
         while len(table) < self.blocks_needed(len(token_ids)):
             table.append(self._take(self._pop_free()).block_id)
@@ -91,7 +95,7 @@ class BlockManager:
         self.stats.hit_tokens += num_cached_tokens
         return Allocation(table, num_cached_tokens)
 
-    def _lookup(self, token_ids: Sequence[int]) -> list[int]:
+    def _lookup(self, token_ids: Sequence[int], salt: str) -> list[int]:
         """Block ids of the longest cached prefix of token_ids.
 
         The last token is always computed (its logits are needed): a prompt made only of full
@@ -100,7 +104,7 @@ class BlockManager:
         hits: list[int] = []
         if not self.prefix_caching:
             return hits
-        prefix_hash = NO_HASH
+        prefix_hash = salt_hash(salt)
         for index in range((len(token_ids) - 1) // self.block_size):
             chunk = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
             prefix_hash = chain_hash(prefix_hash, chunk)
@@ -120,7 +124,9 @@ class BlockManager:
         while len(block_table) < self.blocks_needed(num_tokens):
             block_table.append(self._take(self._pop_free()).block_id)
 
-    def mark_computed(self, block_table: list[int], token_ids: Sequence[int], num_computed_tokens: int) -> None:
+    def mark_computed(
+        self, block_table: list[int], token_ids: Sequence[int], num_computed_tokens: int, salt: str = ""
+    ) -> None:
         """Makes the full blocks whose keys and values are now written findable by later sequences.
 
         Only computed blocks are published: a block merely allocated holds no keys yet, and a
@@ -132,7 +138,7 @@ class BlockManager:
         first = full_blocks
         while first > 0 and self.blocks[block_table[first - 1]].hash == NO_HASH:
             first -= 1
-        prefix_hash = self.blocks[block_table[first - 1]].hash if first > 0 else NO_HASH
+        prefix_hash = self.blocks[block_table[first - 1]].hash if first > 0 else salt_hash(salt)
         for index in range(first, full_blocks):
             chunk = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
             prefix_hash = chain_hash(prefix_hash, chunk)
@@ -167,6 +173,11 @@ class BlockManager:
             self._free.pop(block_id, None)
         block.ref_count += 1
         return block
+
+
+def salt_hash(salt: str) -> int:
+    """Where a chain of block hashes starts: the unsalted chain at NO_HASH, a salted one at its salt's hash."""
+    return hash(("salt", salt)) if salt else NO_HASH
 
 
 def chain_hash(prefix_hash: int, token_ids: tuple[int, ...]) -> int:

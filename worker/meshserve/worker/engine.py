@@ -41,6 +41,7 @@ from meshserve.worker.sequence import (
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 5.0
+STEP_TIME_WINDOW_S = 2.0  # the step time reported is the mean over this long: what a request arriving now meets
 
 
 class Engine:
@@ -68,6 +69,9 @@ class Engine:
         self._cancelled = 0
         self._generated_tokens = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self._step_times: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds) per step
+        self._step_times_total = 0.0
+        self._step_seconds = 0.0
         self._load = self._snapshot()
         # Called from the engine thread with the number of sequences of each step that ran (metrics).
         self.on_step: Callable[[int], None] | None = None
@@ -183,6 +187,9 @@ class Engine:
         chunks = self.scheduler.schedule()
         if chunks:
             self._run(chunks)
+            ended = time.monotonic()
+            self._step_times.append((ended, ended - now))
+            self._step_times_total += ended - now
             if self.on_step is not None:
                 self.on_step(len(chunks))
         elif self.scheduler.waiting and not self.scheduler.running:
@@ -224,6 +231,9 @@ class Engine:
         """The engine's part of handing out sampled tokens: the ids, and the end of the sequences that ids alone
         finish, whose blocks are freed at once. The text is the output processor's, after hand_out()."""
         finishes = [sequence.add_token_id(token) for sequence, token in zip(sequences, tokens, strict=True)]
+        for sequence in sequences:
+            if sequence.first_token_step is None:
+                sequence.first_token_step = self.scheduler.steps
         for sequence, finish in zip(sequences, finishes, strict=True):
             if finish is not None:
                 self.scheduler.remove(sequence)
@@ -269,6 +279,10 @@ class Engine:
         while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
         window = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
+        while self._step_times and self._step_times[0][0] < now - STEP_TIME_WINDOW_S:
+            self._step_times_total -= self._step_times.popleft()[1]
+        if self._step_times:  # idle, it keeps the last: the next arrival meets steps like the last ones
+            self._step_seconds = max(0.0, self._step_times_total) / len(self._step_times)
         by_priority = [0] * NUM_PRIORITY_VALUES
         for sequence in self.scheduler.waiting:
             by_priority[min(max(sequence.priority, 0), NUM_PRIORITY_VALUES - 1)] += 1
@@ -288,6 +302,8 @@ class Engine:
             prefix_cache_hit_rate=self.block_manager.stats.hit_rate,
             preemptions=self.scheduler.preemptions,
             draining=self.draining,
+            step_seconds=self._step_seconds,
+            steps=self.scheduler.steps,
         )
 
 

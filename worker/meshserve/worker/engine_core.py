@@ -67,6 +67,8 @@ class StepMessage:
     tokens: list[tuple[int, int, TokenLogprob | None, Finish | None]] = field(default_factory=list)
     ended: list[tuple[int, Finish, str]] = field(default_factory=list)
     cached: list[tuple[int, int]] = field(default_factory=list)  # (key, prompt tokens from the prefix cache)
+    # With a sequence's first token: (key, added_step, first_scheduled_step, first_token_step) (sequence.py).
+    steps: list[tuple[int, int | None, int | None, int | None]] = field(default_factory=list)
     load: EngineLoad | None = None
     batch: int = 0  # sequences that ran in the step (metrics)
 
@@ -80,6 +82,7 @@ class AddSequence:
     priority: int
     deadline: float | None
     resumed: list[int]
+    cache_salt: str
 
 
 class _StepSender:
@@ -112,6 +115,9 @@ class _StepSender:
             key = self.keys[id(sequence)]
             if key not in self._cached_told and sequence.cached_prompt_tokens is not None:
                 message.cached.append((key, sequence.cached_prompt_tokens))
+                message.steps.append(
+                    (key, sequence.added_step, sequence.first_scheduled_step, sequence.first_token_step)
+                )
                 self._cached_told.add(key)
             message.tokens.append((key, token_id, logprob, finish))
             if finish is not None:
@@ -206,6 +212,7 @@ def _apply_commands(engine: Engine, runner: ModelRunner, sender: _StepSender, co
                 emit=None,  # type: ignore[arg-type]
                 priority=add.priority,
                 deadline=add.deadline,
+                cache_salt=add.cache_salt,
             )
             if add.resumed:
                 from meshserve.worker.engine import resume_ids

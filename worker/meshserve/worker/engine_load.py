@@ -22,3 +22,5 @@ class EngineLoad:
     prefix_cache_hit_rate: float
     preemptions: int
     draining: bool
+    step_seconds: float = 0.0
+    steps: int = 0

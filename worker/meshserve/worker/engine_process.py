@@ -130,7 +130,7 @@ class EngineProcess:
             self._key_of[id(sequence)] = key
         add = AddSequence(
             key, sequence.request_id, sequence.prompt_ids, sequence.options, sequence.priority, sequence.deadline,
-            list(resumed or ()),
+            list(resumed or ()), sequence.cache_salt,
         )  # fmt: skip
         self._send(("add", add))
         return None
@@ -238,6 +238,11 @@ class EngineProcess:
                 sequence = self._open.get(key)
                 if sequence is not None:
                     sequence.cached_prompt_tokens = cached
+            for key, added, scheduled, first_token in step.steps:
+                sequence = self._open.get(key)
+                if sequence is not None:
+                    sequence.added_step, sequence.first_scheduled_step = added, scheduled
+                    sequence.first_token_step = first_token
             for key, token_id, logprob, finish in step.tokens:
                 sequence = self._open.get(key)
                 if sequence is None:

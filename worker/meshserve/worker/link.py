@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry import propagate
 
-from meshserve.common.errors import MeshError
+from meshserve.common.errors import MeshError, invalid_argument
 from meshserve.common.logs import current_request_id
 from meshserve.v1 import worker_pb2
 from meshserve.worker.async_engine import EngineClient
@@ -95,6 +95,8 @@ class Link:
         trace = SequenceTrace(request, self.limits.name, self.metrics, propagate.extract(dict(submit.trace_context)))
         try:
             try:
+                if key in self._open:  # ended in the engine, but its end is not sent yet: still open on this stream
+                    raise invalid_argument([("sequence_id", f"{key} is still open on this stream; use a new one")])
                 self.client.submit(key, request, submit.timeout_ms / 1000 if submit.timeout_ms else None)
             except MeshError:
                 raise
@@ -116,7 +118,7 @@ class Link:
             opened = self._open.get(key)
             if opened is None:
                 continue
-            opened.trace.tokens(len(output.token_ids))
+            opened.trace.tokens(len(output.token_ids), sequence)
             opened.held.append(output)
             opened.held_tokens += len(output.token_ids)
             ends = bool(output.error) or output.finish is not None

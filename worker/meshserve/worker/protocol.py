@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import grpc
+import llguidance
 
 from meshserve.common.errors import MeshError, invalid_argument
 from meshserve.common.sampling import max_tokens_or_default, sampling_violations, token_id_violations
@@ -24,6 +25,9 @@ class ModelLimits:
     vocab_size: int
     max_context_length: int
     kv_capacity_tokens: int
+    # The tokenizer as llguidance reads it (as the engine's GrammarMatchers do): a constrained sequence's
+    # resumed tokens are checked against its grammar here, so that a caller's bad ones are its error.
+    grammar_tokenizer: llguidance.LLTokenizer | None = None
 
 
 def sampling_options(request: common_pb2.TokenRequest, model: ModelLimits) -> SamplingOptions:
@@ -50,6 +54,12 @@ def sampling_options(request: common_pb2.TokenRequest, model: ModelLimits) -> Sa
     if violations:
         raise invalid_argument(violations)
     grammar = grammar_of(sampling.structured)  # checked with the rest (sampling_violations)
+    if grammar and resumed and model.grammar_tokenizer is not None:
+        matcher = llguidance.LLMatcher(model.grammar_tokenizer, grammar, log_level=0)
+        matcher.consume_tokens(list(resumed))
+        if matcher.is_error():
+            why = f"do not follow sampling.structured: {matcher.get_error()[:300]}"
+            raise invalid_argument([("resume_token_ids", why)])
     # The gateway always sets max_tokens; a direct caller that does not gets a short answer.
     max_tokens = max_tokens_or_default(sampling, 16, context - len(prompt))
     if len(prompt) + max_tokens > model.kv_capacity_tokens:

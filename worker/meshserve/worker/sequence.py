@@ -106,6 +106,8 @@ class Sequence:
     priority: int = common_pb2.PRIORITY_NORMAL  # lower values are more important
     # time.monotonic() after which the sequence is dropped (cancelled); None: no deadline.
     deadline: float | None = None
+    # Its prompt reuses cached KV blocks only of sequences with the same salt (TokenRequest.cache_salt).
+    cache_salt: str = ""
     # The loop `emit` must run on: the output processor hands each step's outputs for all the sequences of
     # one loop over in one call_soon_threadsafe, not one wake-up per token per stream.
     loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +123,11 @@ class Sequence:
     # Prompt tokens found in the prefix cache when the sequence was first scheduled.
     cached_prompt_tokens: int | None = None
     num_preemptions: int = 0
+    # Engine steps (Scheduler.steps): done when it arrived, the one that scheduled its first chunk, the one that
+    # sampled its first token. The server half of an engine in another process gets them with the first token.
+    added_step: int | None = None
+    first_scheduled_step: int | None = None
+    first_token_step: int | None = None
     generator: Any = None  # the sampler's per-sequence random generator
     matcher: Any = None  # constrained decoding: the engine's llguidance matcher (worker/grammar.py)
     _cancel_requested: threading.Event = field(default_factory=threading.Event)

@@ -22,7 +22,7 @@ from meshserve.common.telemetry import (
 )
 from meshserve.v1 import common_pb2
 from meshserve.worker.metrics import WorkerMetrics
-from meshserve.worker.sequence import SequenceOutput
+from meshserve.worker.sequence import Sequence, SequenceOutput
 
 
 class SequenceTrace:
@@ -48,9 +48,17 @@ class SequenceTrace:
         self.decode: Span | None = None
         self.generated = 0
 
-    def tokens(self, count: int) -> None:
+    def tokens(self, count: int, sequence: Sequence | None = None) -> None:
         now = time.monotonic()
         if self.decode is None:
+            if sequence is not None and sequence.first_token_step is not None:
+                # In engine steps: how soon it started and how long its prefill took, whatever the machine's speed.
+                steps = {
+                    "meshserve.engine.arrival_step": sequence.added_step,
+                    "meshserve.engine.prefill_start_step": sequence.first_scheduled_step,
+                    "meshserve.engine.first_token_step": sequence.first_token_step,
+                }
+                self.span.set_attributes({k: v for k, v in steps.items() if v is not None})
             self.prefill.end()
             self.decode = tracer.start_span("worker.decode", context=self._inside, attributes=self.attributes)
             self.metrics.time_to_first_token.labels(self.priority).observe(now - self.started)

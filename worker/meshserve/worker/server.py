@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import llguidance
 from prometheus_client import CollectorRegistry
 
 from meshserve.common.config import WorkerConfig
@@ -50,8 +51,17 @@ class LoadedModel:
         self.facts = self.engine.start(lambda line: log.info("%s", line))
         if self.facts.compile_seconds:
             log.info("the decode step compiled in %.1f s (cached for the next start)", self.facts.compile_seconds)
+        grammar_tokenizer = llguidance.LLTokenizer(
+            (model_dir / "tokenizer.json").read_text(),
+            n_vocab=self.facts.vocab_size,
+            eos_token=sorted(self.facts.eos_token_ids),
+        )
         self.limits = ModelLimits(
-            name, self.facts.vocab_size, self.facts.max_context_length, self.facts.kv_capacity_tokens
+            name,
+            self.facts.vocab_size,
+            self.facts.max_context_length,
+            self.facts.kv_capacity_tokens,
+            grammar_tokenizer,
         )
         self.info = common_pb2.ModelInfo(
             name=name,

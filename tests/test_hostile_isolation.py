@@ -205,3 +205,13 @@ def test_the_model_list_is_names_only_unless_the_files_are_asked_for(tenants):
     asked = common_pb2.ListModelsRequest(include_tokenizer_files=True)
     files = stub.ListModels(asked, metadata=metadata, timeout=10).models[0].tokenizer_files
     assert "tokenizer.json" in files or "tokenizer_config.json" in files
+
+
+def test_the_router_refuses_a_model_no_worker_serves_at_once(mesh):
+    from meshserve.v1 import router_pb2_grpc
+
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(mesh.router))
+    request = common_pb2.TokenRequest(request_id="r", model="not-served", prompt_token_ids=[1, 2], sampling=GREEDY)
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Generate(request, timeout=30))  # it would wait out this deadline in the queue
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "not-served" in error.value.details()

@@ -56,7 +56,10 @@ class TlsMesh:
         for name, service in self.services.items():
             for line in service.log_text().splitlines():
                 # Lines that are not JSON come from libraries writing to stderr (the engine's process, warnings).
-                record = json.loads(line) if line.startswith("{") else {"msg": line}
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = {"msg": line}
                 if "Traceback" in line:
                     record.setdefault("exc", line)
                 if "exc" in record and not record.get("logger", "").startswith("opentelemetry"):

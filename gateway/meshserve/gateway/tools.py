@@ -67,6 +67,9 @@ def tool_use(request: inference_pb2.GenerateRequest, violations: list[Violation]
             except json.JSONDecodeError as exc:
                 violations.append((f"tools[{index}].parameters", f"is not JSON: {exc.msg}"))
                 continue
+            except RecursionError:
+                violations.append((f"tools[{index}].parameters", "is nested too deeply"))
+                continue
             if not isinstance(parameters, dict):
                 violations.append((f"tools[{index}].parameters", "must be a JSON Schema object"))
     if choice == "function":
@@ -137,7 +140,13 @@ def tool_grammar(request: inference_pb2.GenerateRequest, use: ToolUse) -> common
 
 
 def _parameters(tool: common_pb2.Tool) -> dict[str, Any]:
-    return json.loads(tool.parameters) if tool.parameters else ANY_OBJECT
+    """The tool's schema; parameters that are not a JSON object (tool_use refuses the request for them) stand in
+    as any object, so that the template still renders and the refusal names the field."""
+    try:
+        parameters = json.loads(tool.parameters) if tool.parameters else ANY_OBJECT
+    except (ValueError, RecursionError):
+        return ANY_OBJECT
+    return parameters if isinstance(parameters, dict) else ANY_OBJECT
 
 
 def new_call_id() -> str:

@@ -19,7 +19,7 @@ from meshserve.aggregator.mapreduce import MapReducePlan
 from meshserve.aggregator.merge import merge_batches
 from meshserve.aggregator.plan import Group, candidate_requests
 from meshserve.aggregator.ranking import Candidate, choose
-from meshserve.common.errors import STATUS_BY_NUMBER, MeshError
+from meshserve.common.errors import MeshError
 from meshserve.common.stream_chunks import joined
 from meshserve.common.tokenizer import ModelTokenizer
 from meshserve.common.usage import token_usage
@@ -218,8 +218,8 @@ class FanOut:
                 texts.append(message.text)
         mapped = ["".join(texts) for texts in outputs if texts is not None]
         if not mapped:
-            first = failures[0]
-            raise MeshError(STATUS_BY_NUMBER[first.code], f"every map call failed; the first: {first.message}")
+            first = MeshError.of_status(failures[0])  # its details too: a BadRequest still names the field
+            raise MeshError(first.code, f"every map call failed; the first: {first.message}", first.details)
         reduce_ids = tokenizer.encode(plan.reduce_prompt(mapped))
         reduce = Group(0, reduce_ids, reduce_sampling, n, best_of, held=self.is_held(n, best_of))
         async for message in self.run_groups([reduce], ["the reduce"], tag="reduce"):
@@ -255,6 +255,7 @@ def _relabel(error: MeshError, state: _GroupState, number: int) -> MeshError:
     if group.best_of > 1:
         which += f" (candidate {number}, seed + {number})" if group.held else f" (index {group.first_index + number})"
     details = []
+    message = error.message
     for detail in error.details:
         if isinstance(detail, error_details_pb2.BadRequest) and state.label.startswith("batch."):
             renamed = error_details_pb2.BadRequest()
@@ -263,5 +264,7 @@ def _relabel(error: MeshError, state: _GroupState, number: int) -> MeshError:
                     field=f"{state.label}.{violation.field}", description=violation.description
                 )
             detail = renamed
+            # The message names the fields as the details do, so a caller can match one to the other.
+            message = "; ".join(f"{v.field}: {v.description}" for v in renamed.field_violations)
         details.append(detail)
-    return MeshError(error.code, f"{which} failed: {error.message}", details)
+    return MeshError(error.code, f"{which} failed: {message}", details)

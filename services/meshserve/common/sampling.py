@@ -31,7 +31,8 @@ def sampling_violations(
     skip_special_tokens and spaces_between_special_tokens mean true."""
     violations: list[Violation] = []
     room = context_length - prompt_tokens
-    if sampling.HasField("max_tokens") and not 1 <= sampling.max_tokens <= room:
+    # A prompt that leaves no room is the prompt's violation (each caller reports it), not max_tokens'.
+    if sampling.HasField("max_tokens") and (sampling.max_tokens < 1 or 1 <= room < sampling.max_tokens):
         violations.append(
             (
                 "sampling.max_tokens",

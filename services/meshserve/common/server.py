@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from meshserve.common.channels import SERVER_OPTIONS
+from meshserve.common.errors import MeshError, abort, invalid_argument
 from meshserve.common.metrics import new_registry
 from meshserve.common.telemetry import server_interceptors
 from meshserve.common.tls import MeshTls
@@ -36,12 +39,94 @@ class Servicer:
 
     @classmethod
     def of(cls, implementation: Any, pb2: ModuleType, pb2_grpc: ModuleType, service: str) -> Servicer:
-        """The generated code's way to add `service` ("Worker") and its full name, from its two modules."""
+        """The generated code's way to add `service` ("Worker") and its full name, from its two modules; a request
+        whose bytes do not parse is refused naming it (see refusing_undecodable)."""
+        add_generated = getattr(pb2_grpc, f"add_{service}Servicer_to_server")
         return cls(
             implementation,
-            getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+            functools.partial(_add_refusing_undecodable, add_generated),
             pb2.DESCRIPTOR.services_by_name[service].full_name,
         )
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request whose bytes did not parse (bad UTF-8 in a string, a truncated message) becomes."""
+
+    error: MeshError
+
+
+def refusing_undecodable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` (a generated one, of async servicer methods), except that a request or stream message whose bytes
+    do not parse is refused INVALID_ARGUMENT saying why, where grpc itself would answer UNKNOWN."""
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(
+                invalid_argument([("request", f"is not a valid message (every string is UTF-8): {exc}")])
+            )
+
+    async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await abort(context, request.error)
+        return request
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield await refuse_undecodable(request, context)
+
+    behaviors: dict[str, Callable[..., Any]] = {}
+    if handler.unary_unary:
+        method = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await method(await refuse_undecodable(request, context), context)
+
+        behaviors["unary_unary"] = unary_unary
+    if handler.unary_stream:
+        stream_method = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in stream_method(await refuse_undecodable(request, context), context):
+                yield response
+
+        behaviors["unary_stream"] = unary_stream
+    if handler.stream_stream:
+        bidi_method = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in bidi_method(checked(requests, context), context):
+                yield response
+
+        behaviors["stream_stream"] = stream_stream
+    assert not handler.stream_unary, "no meshserve method takes a stream and answers once"
+    return handler._replace(request_deserializer=deserialize, **behaviors)
+
+
+class _Captured:
+    """Stands in for the server while generated code adds its handlers, so that they can be wrapped first."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come to add_registered_method_handlers
+
+    def add_registered_method_handlers(self, name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.registered[name] = handlers
+
+
+def _add_refusing_undecodable(add_generated: Callable[[Any, Any], None], implementation: Any, server: Any) -> None:
+    captured = _Captured()
+    add_generated(implementation, captured)
+    assert captured.registered, "the generated code registered no handlers (stubs older than grpcio 1.63?)"
+    for name, handlers in captured.registered.items():
+        wrapped = {method: refusing_undecodable(handler) for method, handler in handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, wrapped),))
+        server.add_registered_method_handlers(name, wrapped)
 
 
 @dataclass

@@ -53,6 +53,8 @@ def _compiled(serialized: bytes) -> str:
             schema = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"is not JSON: {exc.msg} at character {exc.pos}") from None
+        except RecursionError:
+            raise ValueError("is nested too deeply") from None
         if not isinstance(schema, dict | bool):
             raise ValueError("must be a JSON Schema: an object (or true/false)")
         grammar = _json_grammar(schema)

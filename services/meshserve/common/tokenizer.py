@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Undefined
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
@@ -170,6 +171,19 @@ def _jinja() -> ImmutableSandboxedEnvironment:
             raise TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+
+        def tojson(value: Any, indent: int | None = None) -> str:
+            # A message without a field the template writes as JSON (a tool message's tool_call_id) is the
+            # template refusing the messages, not a server fault.
+            if isinstance(value, Undefined):
+                raise TemplateError(
+                    f"it writes {value._undefined_name or 'a value'!r} as JSON; the messages leave it out"
+                )
+            try:
+                return json.dumps(value, ensure_ascii=False, indent=indent)
+            except (TypeError, ValueError) as exc:
+                raise TemplateError(f"it cannot write a value as JSON ({exc})") from None
+
+        env.filters["tojson"] = tojson
         _JINJA = env
     return _JINJA

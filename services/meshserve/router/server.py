@@ -15,7 +15,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from meshserve.common.config import RouterConfig
 from meshserve.common.enums import priority_name
-from meshserve.common.errors import MeshError, grpc_errors, invalid_argument, status_code_name
+from meshserve.common.errors import MeshError, grpc_errors, invalid_argument, not_found, status_code_name
 from meshserve.common.logs import current_request_id
 from meshserve.common.metrics import new_registry
 from meshserve.common.objectives import parse_ttft_objectives
@@ -65,6 +65,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[common_pb2.StreamChunk]:
         if request.priority not in common_pb2.Priority.values():
             raise invalid_argument([("priority", f"unknown priority {request.priority}")])
+        self._check_model(request.model)
         pending = Pending.of(request)
         self.dispatcher.admit(pending, context.time_remaining())
         sent: list[int] = []  # tokens the caller already has
@@ -148,6 +149,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 return await self.dispatcher.acquire(pending, timeout)
             finally:
                 self.metrics.queue_wait.labels(label).observe(time.monotonic() - pending.enqueued_at)
+
+    def _check_model(self, name: str) -> None:
+        """A model no worker serves is refused at once rather than queued until its deadline; while a worker has
+        not yet said what it serves, it may be that one."""
+        workers = [w for w in self.pool.workers if not w.removed]
+        if not name or any(w.model is None or w.model.name == name for w in workers):
+            return
+        served = sorted({w.model.name for w in workers if w.model is not None})
+        raise not_found("model", f"no worker serves {name[:200]!r}; served: {', '.join(served) or 'none'}")
 
     @grpc_errors
     async def ListModels(

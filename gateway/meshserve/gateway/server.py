@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from meshserve.common.channels import aio_channel
 from meshserve.common.config import GatewayConfig
-from meshserve.common.errors import MeshError, abort, invalid_argument, public_grpc_errors
+from meshserve.common.errors import MeshError, abort, public_grpc_errors
 from meshserve.common.metrics import new_registry
 from meshserve.common.models import ModelCatalog
 from meshserve.common.objectives import parse_ttft_objectives
@@ -50,7 +49,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        request = _parsed(request)
         core = self.core
         with core.metrics.observe("grpc", operation_name(request)) as observer:
             admission = await core.admit(request, core.authenticate(_authorization(context)), observer)
@@ -61,7 +59,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
-        request = _parsed(request)
         core = self.core
         with core.metrics.observe("grpc", operation_name(request)) as observer:
             admission = await core.admit(request, core.authenticate(_authorization(context)), observer)
@@ -79,7 +76,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ListModelsResponse:
         self.core.authenticate(_authorization(context))
-        request = _parsed(request)
         include = request.include_tokenizer_files and not request.names_only
         return common_pb2.ListModelsResponse(models=await self.core.list_models(include))
 
@@ -127,56 +123,6 @@ def _refusal(handler: grpc.RpcMethodHandler, error: MeshError) -> grpc.RpcMethod
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(refuse)
     return grpc.unary_unary_rpc_method_handler(refuse)
-
-
-@dataclass
-class Undecodable:
-    """A request whose bytes did not parse (bad UTF-8 in a string, a truncated message)."""
-
-    type_name: str
-    reason: str
-
-
-def _lenient(message_type: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc))
-
-    return parse
-
-
-def _parsed(request: Any) -> Any:
-    if isinstance(request, Undecodable):
-        why = f"is not a valid {request.type_name} (every string must be UTF-8): {request.reason}"
-        raise invalid_argument([("request", why)])
-    return request
-
-
-def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """As the generated add_InferenceServicer_to_server, except that a request that does not parse gets
-    INVALID_ARGUMENT saying why, where grpc itself would answer UNKNOWN."""
-    handlers = {
-        "Generate": grpc.unary_unary_rpc_method_handler(
-            servicer.Generate,
-            request_deserializer=_lenient(inference_pb2.GenerateRequest),
-            response_serializer=inference_pb2.GenerateResponse.SerializeToString,
-        ),
-        "GenerateStream": grpc.unary_stream_rpc_method_handler(
-            servicer.GenerateStream,
-            request_deserializer=_lenient(inference_pb2.GenerateRequest),
-            response_serializer=inference_pb2.GenerateStreamResponse.SerializeToString,
-        ),
-        "ListModels": grpc.unary_unary_rpc_method_handler(
-            servicer.ListModels,
-            request_deserializer=_lenient(common_pb2.ListModelsRequest),
-            response_serializer=common_pb2.ListModelsResponse.SerializeToString,
-        ),
-    }
-    name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
 
 
 @dataclass
@@ -235,11 +181,9 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         config.host,
         config.port,
         [
-            Servicer(
-                servicer,
-                add_inference_servicer,
-                inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-            )
+            # A request that does not parse gets INVALID_ARGUMENT saying why (common/server.py), where grpc itself
+            # would answer UNKNOWN.
+            Servicer.of(servicer, inference_pb2, inference_pb2_grpc, "Inference")
         ],
         serving=False,
         metrics=registry,

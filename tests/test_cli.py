@@ -76,6 +76,8 @@ def test_up_serves_restarts_what_dies_and_stops_cleanly_on_ctrl_c(env, tmp_path)
         answer = subprocess.run(generate, env=env, capture_output=True, text=True, timeout=60)
         assert answer.returncode == 0, answer.stderr
         assert answer.stdout.strip() and "completion tokens" in answer.stderr
+        status = subprocess.run([*MESHSERVE, "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert "ttft         normal   recent p50 " in status.stdout, status.stdout  # the router that served it
 
         # A worker and a router that die are reported and started again, as a ReplicaSet would; the rest of
         # the mesh keeps serving meanwhile.

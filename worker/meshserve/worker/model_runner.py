@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from meshserve.worker.compiled_decode import COMPILE_MODES, CompiledDecode
+from meshserve.worker.cpu_dtype import fastest_cpu_dtype
 from meshserve.worker.kernels import load_kernels
 from meshserve.worker.llama_step import LlamaStep, unsupported_reason
 from meshserve.worker.paged_attention import ATTENTION_NAME, KVPool, PagedBatch, attend
@@ -81,9 +82,18 @@ class ModelRunner:
         self.model.eval()
         self.impl = _choose_impl(model_impl, self.model)
         if dtype == "auto":
-            # bf16 halves the bytes each step reads and runs about twice as fast compiled (DESIGN.md); eager
-            # transformers modules on CPU gain little from it, so that path stays float32 there.
-            dtype = "bfloat16" if self.impl == "fast" or self.device.type == "cuda" else "float32"
+            # On CUDA bf16 halves the bytes each step reads. On CPU the fast path takes whichever of bf16 and
+            # fp32 this machine computes faster (cpu_dtype.py); eager transformers modules gain little from
+            # bf16 there, so that path stays float32.
+            if self.device.type == "cuda":
+                dtype = "bfloat16"
+            elif self.impl == "fast":
+                text = config.get_text_config()
+                choice = fastest_cpu_dtype(text.hidden_size, text.intermediate_size, max_batch)
+                log.info("dtype auto: %s", choice.describe())
+                dtype = choice.dtype
+            else:
+                dtype = "float32"
             self.model.to(DTYPES[dtype])
         self.dtype = dtype
         if self.kernels.__name__.endswith("triton_ops") and self.impl == "transformers":

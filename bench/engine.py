@@ -2,14 +2,15 @@
 
     python bench/engine.py [--concurrency 1,4,16,32,64] [--max-tokens 64] [--threads 1] [--device cuda]
 
-Three contenders: the engine on the fast path (our Llama step, decode compiled, bf16 by
-default), the same engine on the transformers path (fp32 by default), and a naive server (one
-`transformers` generate() per request, each on its own thread, as a thread-per-request server
-would). For each concurrency each serves that many requests at once (different prompts of
-20-60 tokens, greedy, ignore_eos so every request yields max_tokens), one after the other; the
-script prints output tokens/s, mean and worst time to first token, and the ratios. All use the
-same number of torch threads. Finally it profiles one decode step of the fast path at batch 16:
-where the time goes, on the engine thread and, meanwhile, on the output processor's.
+Three contenders: the engine on the fast path (our Llama step, decode compiled, in the dtype
+the worker's `--dtype auto` measures to be faster here), the same engine on the transformers path
+(fp32 by default), and a naive server (one `transformers` generate() per request, each on its
+own thread, as a thread-per-request server would). For each concurrency each serves that many
+requests at once (different prompts of 20-60 tokens, greedy, ignore_eos so every request yields
+max_tokens), one after the other; the script prints output tokens/s, mean and worst time to
+first token, and the ratios. All use the same number of torch threads. Finally it profiles one
+decode step of the fast path at batch 16: where the time goes, on the engine thread and,
+meanwhile, on the output processor's.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for all three")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the naive server runs there too)")
-    parser.add_argument("--dtype", default="auto", help="the fast path's dtype (auto: bfloat16)")
+    parser.add_argument("--dtype", default="auto", help="the fast path's dtype (auto: as the worker chooses it)")
     parser.add_argument("--reference-dtype", default="float32", help="the transformers path's and naive dtype")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive server (slow at high concurrency)")
     parser.add_argument("--no-profile", action="store_true")

@@ -97,16 +97,17 @@ class Server:
     model: str = ""
 
 
-def start_meshserve(model_dir: Path, work: Path, args: argparse.Namespace) -> Server:
+def start_meshserve(model_dir: Path, work: Path, args: argparse.Namespace, name: str = "meshserve") -> Server:
     base = free_port_block(WORKER_METRICS_OFFSET + 40)
     ports = {"--port": base, "--router-port": base + 1, "--aggregator-port": base + 2, "--http-port": base + 3}
     ports |= {"--worker-port": base + 4, "--metrics-port": base + 30}  # workers count up from +4 (<= 26 of them)
     env = {**os.environ, "MESHSERVE_CACHE": str(work / "mesh-cache")}  # its own mesh.json and logs
     env |= {f"MESHSERVE_{k.upper().replace('-', '_')}": v for k, _, v in (e.partition("=") for e in args.mesh_env)}
+    env |= dict(word.split("=", 1) for word in getattr(args, "variant_env", []))
     command = [sys.executable, "-m", "meshserve.cli", "up", "--model", str(model_dir), "--host", HOST]
     command += [str(x) for flag, port in ports.items() for x in (flag, port)]
     command += ["--log-dir", str(work / "mesh-logs"), *args.mesh_arg]
-    return _spawn("meshserve", command, env, f"http://{HOST}:{base + 3}", work)
+    return _spawn(name, command, env, f"http://{HOST}:{base + 3}", work)
 
 
 def start_vllm(model_dir: Path, work: Path, args: argparse.Namespace) -> Server:
@@ -249,23 +250,24 @@ def report(results: list[LevelResult], args: argparse.Namespace) -> None:
             for _, attr, scale, decimals in COLUMNS:
                 row += f"{_median([getattr(lv, attr) for lv in levels]) * scale:>9.{decimals}f}"
             print(row + f"{sum(lv.requests for lv in levels):>6}{sum(len(lv.errors) for lv in levels):>6}")
-    if set(args.contenders) != {"meshserve", "vllm"}:
+    if "vllm" not in args.contenders:
         return
     by_key = {(r.contender, r.streams, r.repeat): r for r in results}
-    print("\nmeshserve / vLLM per level (each repeat's pair; median first): >1 tok/s is better, <1 TTFT is better")
-    for streams in args.streams:
-        pairs = [
-            (by_key[("meshserve", streams, r)], by_key[("vllm", streams, r)])
-            for r in range(args.repeats)
-            if ("meshserve", streams, r) in by_key and ("vllm", streams, r) in by_key
-        ]
-        if not pairs:
-            continue
-        line = f"  streams {streams:>3}:"
-        for label, attr in (("tok/s", "tokens_per_second"), ("TTFT", "ttft_p50"), ("CPU", "server_cpu")):
-            ratios = [getattr(m, attr) / getattr(v, attr) for m, v in pairs]
-            line += f"   {label} x{statistics.median(ratios):.2f} [{' '.join(f'{r:.2f}' for r in ratios)}]"
-        print(line)
+    for name in (c for c in args.contenders if c != "vllm"):
+        print(f"\n{name} / vLLM per level (each repeat's pair; median first): >1 tok/s is better, <1 TTFT is better")
+        for streams in args.streams:
+            pairs = [
+                (by_key[(name, streams, r)], by_key[("vllm", streams, r)])
+                for r in range(args.repeats)
+                if (name, streams, r) in by_key and ("vllm", streams, r) in by_key
+            ]
+            if not pairs:
+                continue
+            line = f"  streams {streams:>3}:"
+            for label, attr in (("tok/s", "tokens_per_second"), ("TTFT", "ttft_p50"), ("CPU", "server_cpu")):
+                ratios = [getattr(m, attr) / getattr(v, attr) for m, v in pairs]
+                line += f"   {label} x{statistics.median(ratios):.2f} [{' '.join(f'{r:.2f}' for r in ratios)}]"
+            print(line)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -279,6 +281,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", ""), help="[env VLLM_PYTHON]")
     parser.add_argument("--mesh-arg", action="append", default=[], help="flag for `meshserve up` (repeatable)")
     parser.add_argument("--mesh-env", action="append", default=[], help="NAME=VALUE: MESHSERVE_NAME (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help='NAME="[VAR=VALUE ...] FLAGS": a contender NAME, `meshserve up` with this environment and these flags '
+        'too (e.g. two="--workers 2", t2="MESHSERVE_THREADS=2")',
+    )
     parser.add_argument("--vllm-arg", action="append", default=[], help="flag for vLLM's api_server (repeatable)")
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--request-timeout", type=float, default=300.0)
@@ -286,8 +295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.streams = list(dict.fromkeys(int(s) for s in args.streams.split(",") if s))
     args.contenders = [c for c in args.contenders.split(",") if c]
-    if not args.streams or min(args.streams) < 1 or not set(args.contenders) <= {"meshserve", "vllm"}:
-        parser.error("--streams needs positive integers, --contenders meshserve and/or vllm")
+    args.variants = dict(variant.partition("=")[::2] for variant in args.variant)
+    if not args.streams or min(args.streams) < 1 or not set(args.contenders) <= {"meshserve", "vllm", *args.variants}:
+        parser.error("--streams needs positive integers, --contenders meshserve, vllm and/or a --variant's name")
     if "vllm" in args.contenders and not Path(args.vllm_python).is_file():
         parser.error("give vLLM's Python with --vllm-python or $VLLM_PYTHON (see ../shared/TOOLCHAIN.md)")
     return args
@@ -306,7 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         order = args.contenders if repeat % 2 == 0 else args.contenders[::-1]
         for name in order:
             print(f"repeat {repeat + 1}/{args.repeats}: {name}", flush=True)
-            server = starters[name](model_dir, work, args)
+            if name in args.variants:
+                # Words before the first flag are NAME=VALUE environment variables, as in a shell.
+                words = args.variants[name].split()
+                first_flag = next((i for i, word in enumerate(words) if word.startswith("-")), len(words))
+                flags = [*args.mesh_arg, *words[first_flag:]]
+                variant = argparse.Namespace(**{**vars(args), "mesh_arg": flags, "variant_env": words[:first_flag]})
+                server = start_meshserve(model_dir, work, variant, name)
+            else:
+                server = starters[name](model_dir, work, args)
             try:
                 results += asyncio.run(measure(server, repeat, args))
             finally:

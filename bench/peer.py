@@ -103,7 +103,7 @@ def start_meshserve(model_dir: Path, work: Path, args: argparse.Namespace, name:
     ports |= {"--worker-port": base + 4, "--metrics-port": base + 30}  # workers count up from +4 (<= 26 of them)
     env = {**os.environ, "MESHSERVE_CACHE": str(work / "mesh-cache")}  # its own mesh.json and logs
     env |= {f"MESHSERVE_{k.upper().replace('-', '_')}": v for k, _, v in (e.partition("=") for e in args.mesh_env)}
-    env |= dict(word.split("=", 1) for word in getattr(args, "variant_env", []))
+    env |= getattr(args, "variant_env", {})
     command = [sys.executable, "-m", "meshserve.cli", "up", "--model", str(model_dir), "--host", HOST]
     command += [str(x) for flag, port in ports.items() for x in (flag, port)]
     command += ["--log-dir", str(work / "mesh-logs"), *args.mesh_arg]
@@ -295,7 +295,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.streams = list(dict.fromkeys(int(s) for s in args.streams.split(",") if s))
     args.contenders = [c for c in args.contenders.split(",") if c]
-    args.variants = dict(variant.partition("=")[::2] for variant in args.variant)
+    # A variant's words before its first flag are VAR=VALUE environment variables, as in a shell.
+    args.variants = {}
+    for variant in args.variant:
+        name, _, spec = variant.partition("=")
+        words = spec.split()
+        first_flag = next((i for i, word in enumerate(words) if word.startswith("-")), len(words))
+        if not name or any("=" not in word for word in words[:first_flag]):
+            parser.error(f'--variant {variant!r}: give NAME="[VAR=VALUE ...] FLAGS"')
+        args.variants[name] = (dict(word.split("=", 1) for word in words[:first_flag]), words[first_flag:])
     if not args.streams or min(args.streams) < 1 or not set(args.contenders) <= {"meshserve", "vllm", *args.variants}:
         parser.error("--streams needs positive integers, --contenders meshserve, vllm and/or a --variant's name")
     if "vllm" in args.contenders and not Path(args.vllm_python).is_file():
@@ -317,11 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in order:
             print(f"repeat {repeat + 1}/{args.repeats}: {name}", flush=True)
             if name in args.variants:
-                # Words before the first flag are NAME=VALUE environment variables, as in a shell.
-                words = args.variants[name].split()
-                first_flag = next((i for i, word in enumerate(words) if word.startswith("-")), len(words))
-                flags = [*args.mesh_arg, *words[first_flag:]]
-                variant = argparse.Namespace(**{**vars(args), "mesh_arg": flags, "variant_env": words[:first_flag]})
+                variant_env, flags = args.variants[name]
+                variant = argparse.Namespace(
+                    **{**vars(args), "mesh_arg": [*args.mesh_arg, *flags], "variant_env": variant_env}
+                )
                 server = start_meshserve(model_dir, work, variant, name)
             else:
                 server = starters[name](model_dir, work, args)

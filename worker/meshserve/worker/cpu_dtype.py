@@ -10,15 +10,12 @@ unless bfloat16 is clearly faster: float32 is also the exact one.
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 BF16_MARGIN = 0.85  # bfloat16 is chosen only when it takes at most this share of float32's time
 MAX_ROWS = 2048  # output rows timed per weight: the rate per FLOP, not a big model's whole matrix

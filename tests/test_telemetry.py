@@ -11,6 +11,7 @@ import threading
 import urllib.request
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -99,6 +100,21 @@ def test_a_streaming_request_is_one_trace_from_gateway_to_worker(spans, mesh):
     assert queue.attributes["meshserve.priority"] == "high"
     # A span per request and step, never per token.
     assert len(in_trace) < 20
+
+
+def test_health_checks_are_not_traced_and_requests_still_are(spans, mesh):
+    """Probes come every few seconds from every kubelet and router: a trace each would bury the requests'."""
+    spans.clear()
+    for address in (mesh.gateway, mesh.router):
+        reply = health_pb2_grpc.HealthStub(mesh.channel(address)).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = inference_pb2_grpc.InferenceStub(mesh.channel(mesh.gateway))
+    request = inference_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=2))
+    list(stub.GenerateStream(request, timeout=60))
+    wait_for_spans(spans, GATEWAY_STREAM, 1)
+    wait_for_spans(spans, "/meshserve.v1.Router/Generate", 2)  # the gateway's call and the router's handler
+    traced = {s.name for s in spans.get_finished_spans()}
+    assert not [name for name in traced if "Health" in name or name.endswith("/Connect")], traced
 
 
 def test_a_fan_out_request_is_one_trace_with_a_child_per_sub_request(spans, mesh):

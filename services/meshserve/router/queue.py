@@ -27,7 +27,7 @@ import collections
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,12 +142,13 @@ class RequestQueue:
             ]
         return min(candidates, key=lambda p: self._rank(p, now), default=None)
 
-    def ahead_of(self, pending: Pending, now: float | None = None) -> list[Pending]:
-        """The queued requests of pending's model that go before it in the order above."""
+    def ahead_of(self, pending: Pending, now: float | None = None) -> Iterator[Pending]:
+        """The queued requests of pending's model that go before it in the order above, as of `now`. Lazy: a
+        pass over the whole queue per arrival is paid only by a caller that reads it."""
         now = self.clock() if now is None else now
         rank = self._rank(pending, now)
         model = pending.request.model
-        return [p for p in self._pending if (not model or p.request.model == model) and self._rank(p, now) < rank]
+        return (p for p in self._pending if (not model or p.request.model == model) and self._rank(p, now) < rank)
 
     def dispatched(self, pending: Pending) -> None:
         self.remove(pending)
